@@ -1,0 +1,28 @@
+"""Backbones created by name, as timm creates models: ``create(cfg.backbone)``.
+
+Each backbone is an ``nn.Module`` whose ``forward(x)`` returns features (N, feature_dim) and which has a
+``feature_dim`` attribute. The modules are imported lazily so that one backbone's optional dependency
+(timm, efficientnet_lite_pytorch) is needed only when that backbone is used.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch.nn as nn
+
+# backbone name -> module under experiments.backbones defining build(cfg) -> nn.Module
+REGISTRY = {
+    "small_cnn": "cnn",
+    "resnet18": "resnet",
+    "vit_tiny28": "vit",
+    "timm": "vit",
+    "efficientnet_lite0": "efficientnet",
+}
+
+
+def create(cfg_backbone, **overrides) -> nn.Module:
+    name = cfg_backbone.name
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}: known are {', '.join(sorted(REGISTRY))}")
+    module = importlib.import_module(f"experiments.backbones.{REGISTRY[name]}")
+    return module.build(cfg_backbone, **overrides)

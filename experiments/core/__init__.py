@@ -1,0 +1,1 @@
+"""Shared run machinery for the experiments: seeding, devices, logging, records, data, caches."""

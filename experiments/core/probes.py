@@ -1,0 +1,196 @@
+"""Readouts on fixed features, shared by the experiments so that every probe sees the same data.
+
+Each probe takes labelled features (``train``, split further into fit/validation where it tunes
+something) and test features, and returns a ``ProbeResult`` with test accuracy, the validation score
+that chose its hyperparameters, and its fit and predict seconds.
+
+- ``sk_probe``: the SK classifier (no training). k, kernel, lengthscale (a multiple of
+  ``sk.auto_lengthscale``) and ridge are picked on the validation split with one shared neighbour
+  search, or taken as given with ``sk.tune=false``. The final support is all labelled examples.
+- ``knn_probe``: DINO's weighted k-NN vote (L2-normalised, cosine, k=20, T=0.07).
+- ``linear_probe``: multinomial logistic regression, L2 strength C swept over a log grid on the
+  validation split (Ericsson et al., 2021), then refitted on all labelled examples.
+- ``ncm_probe``: nearest class mean of L2-normalised features.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import sk
+
+DEFAULT_C_GRID = [10.0 ** e for e in range(-6, 6)]  # 1e-6 ... 1e5
+
+
+@dataclass
+class ProbeResult:
+    name: str
+    test_acc: float
+    val_acc: float | None
+    fit_s: float
+    predict_s: float
+    chosen: dict[str, Any] = field(default_factory=dict)
+    pred: torch.Tensor | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {"test_acc": self.test_acc, "fit_s": self.fit_s, "predict_s": self.predict_s}
+        if self.val_acc is not None:
+            out["val_acc"] = self.val_acc
+        return out
+
+    def info(self) -> dict[str, str]:
+        return {"chosen": ", ".join(f"{k}={_fmt(v)}" for k, v in self.chosen.items())} if self.chosen else {}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float((pred.cpu() == y.cpu()).float().mean())
+
+
+def split_fit_val(n: int, val_frac: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratification-free random split of ``n`` labelled examples into fit and validation indices."""
+    n_val = max(1, int(round(n * val_frac)))
+    if n_val >= n:
+        raise ValueError(f"cannot carve a validation split from {n} labelled examples")
+    perm = torch.randperm(n, generator=generator)
+    return perm[n_val:], perm[:n_val]
+
+
+def _prep(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    return F.normalize(x, dim=1) if normalize else x
+
+
+def sk_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+             num_classes: int, cfg_sk, fit_idx: torch.Tensor | None = None, val_idx: torch.Tensor | None = None,
+             ) -> ProbeResult:
+    """SK classifier on fixed features; hyperparameters from ``cfg_sk`` (tuned on val when ``tune``)."""
+    normalize = bool(cfg_sk.get("normalize", True))
+    x_all = _prep(train_x.float(), normalize)
+    z_test = _prep(test_x.float(), normalize)
+    backend = cfg_sk.get("backend", "torch")
+    t0 = time.perf_counter()
+    val_acc = None
+    if cfg_sk.get("tune", True):
+        if fit_idx is None or val_idx is None:
+            raise ValueError("sk_probe with sk.tune=true needs fit_idx and val_idx (a validation split)")
+        chosen, val_acc = tune_sk(x_all[fit_idx], train_y[fit_idx], x_all[val_idx], train_y[val_idx],
+                                  num_classes, cfg_sk.grid, backend=backend)
+    else:
+        ls = cfg_sk.lengthscale
+        chosen = {"k": int(cfg_sk.k), "kernel": str(cfg_sk.kernel),
+                  "lengthscale": float(sk.auto_lengthscale(x_all, k=int(cfg_sk.k))) if ls == "auto" else float(ls),
+                  "ridge": float(cfg_sk.ridge)}
+        if fit_idx is not None and val_idx is not None:
+            val_acc = accuracy(_sk_predict(x_all[fit_idx], train_y[fit_idx], x_all[val_idx], num_classes,
+                                           chosen, backend), train_y[val_idx])
+    fit_s = time.perf_counter() - t0  # SK fits nothing: this is hyperparameter selection only
+    t0 = time.perf_counter()
+    pred = _sk_predict(x_all, train_y, z_test, num_classes, chosen, backend)
+    predict_s = time.perf_counter() - t0
+    return ProbeResult("sk", accuracy(pred, test_y), val_acc, fit_s, predict_s, chosen, pred)
+
+
+def _sk_predict(x, y, z, num_classes, chosen, backend="torch", indices=None) -> torch.Tensor:
+    targets = F.one_hot(y.long(), num_classes).to(x.dtype)
+    with torch.no_grad():
+        scores = sk.sparse_krr(z, x, targets, k=chosen["k"], kernel=chosen["kernel"],
+                               lengthscale=chosen["lengthscale"], ridge=chosen["ridge"], backend=backend,
+                               indices=indices)
+    return scores.argmax(dim=1)
+
+
+def tune_sk(x_fit, y_fit, x_val, y_val, num_classes, grid, backend="torch") -> tuple[dict[str, Any], float]:
+    """Grid search of (k, kernel, lengthscale multiple, ridge) on a validation split; one neighbour search."""
+    ks = sorted(int(k) for k in grid.k)
+    k_max = min(ks[-1], len(x_fit))
+    with torch.no_grad():
+        _, idx = sk.knn_search(x_val, x_fit, k_max, backend=backend)
+    best, best_acc = None, -1.0
+    for k in ks:
+        k_eff = min(k, k_max)
+        auto = float(sk.auto_lengthscale(x_fit, k=k_eff))
+        for kernel, mult, ridge in itertools.product(grid.kernel, grid.lengthscale_mult, grid.ridge):
+            chosen = {"k": k_eff, "kernel": str(kernel), "lengthscale": auto * float(mult), "ridge": float(ridge)}
+            acc = accuracy(_sk_predict(x_fit, y_fit, x_val, num_classes, chosen, backend, indices=idx), y_val)
+            if acc > best_acc + 1e-12:
+                best, best_acc = chosen, acc
+    return best, best_acc
+
+
+def knn_probe(train_x, train_y, test_x, test_y, num_classes, k: int = 20, temperature: float = 0.07) -> ProbeResult:
+    """DINO's weighted k-NN vote on L2-normalised features (nothing to fit)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        scores = sk.weighted_knn(test_x.float(), train_x.float(), train_y, num_classes, k=k, temperature=temperature)
+    pred = scores.argmax(dim=1)
+    return ProbeResult("knn", accuracy(pred, test_y), None, 0.0, time.perf_counter() - t0,
+                       {"k": min(k, len(train_x)), "T": temperature}, pred)
+
+
+def ncm_probe(train_x, train_y, test_x, test_y, num_classes) -> ProbeResult:
+    """Nearest class mean on L2-normalised features."""
+    t0 = time.perf_counter()
+    x = F.normalize(train_x.float(), dim=1)
+    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, train_y.long(), x)
+    counts = torch.bincount(train_y.long(), minlength=num_classes).clamp_min(1).unsqueeze(1)
+    means = F.normalize(means / counts, dim=1)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = (F.normalize(test_x.float(), dim=1) @ means.T).argmax(dim=1)
+    return ProbeResult("ncm", accuracy(pred, test_y), None, fit_s, time.perf_counter() - t0, {}, pred)
+
+
+def _standardize(x_fit: torch.Tensor, *others: torch.Tensor):
+    mean, std = x_fit.mean(0, keepdim=True), x_fit.std(0, keepdim=True).clamp_min(1e-6)
+    return [(t - mean) / std for t in (x_fit, *others)]
+
+
+def _fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, init=None, max_iter: int = 200):
+    """Multinomial logistic regression, sklearn's objective C·Σ loss + ½‖W‖² (bias unpenalised), by L-BFGS."""
+    n, d = x.shape
+    w = torch.zeros(d, num_classes, dtype=x.dtype) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, dtype=x.dtype) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    reg = 1.0 / (2.0 * C * n)  # divide sklearn's objective by C·n: mean loss + ‖W‖²/(2Cn)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + reg * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, fit_idx, val_idx,
+                 c_grid=DEFAULT_C_GRID, max_iter: int = 200) -> ProbeResult:
+    """Logistic-regression probe: C chosen on validation, then refitted on all labelled examples."""
+    t0 = time.perf_counter()
+    x_fit, x_val = _standardize(train_x[fit_idx].float(), train_x[val_idx].float())
+    y_fit, y_val = train_y[fit_idx].long(), train_y[val_idx].long()
+    best_c, best_acc, params = None, -1.0, None
+    for C in sorted(c_grid):  # strong to weak regularisation, warm-started
+        params = _fit_logreg(x_fit, y_fit, num_classes, C, init=params, max_iter=max_iter)
+        acc = accuracy((x_val @ params[0] + params[1]).argmax(1), y_val)
+        if acc > best_acc + 1e-12:
+            best_c, best_acc = C, acc
+    x_all, x_test = _standardize(train_x.float(), test_x.float())
+    w, b = _fit_logreg(x_all, train_y.long(), num_classes, best_c, max_iter=max_iter)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = (x_test @ w + b).argmax(1)
+    return ProbeResult("linear", accuracy(pred, test_y), best_acc, fit_s, time.perf_counter() - t0,
+                       {"C": best_c}, pred)
+

@@ -1,0 +1,109 @@
+"""Run records: one JSON file per run under ``results/runs/<experiment>/``, written atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def git_commit(root: Path | str = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": str(device) if device is not None else "cpu",
+    }
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    """One line such as 'CPU AMD EPYC (2 threads)' or 'GPU NVIDIA H100'."""
+    if m.get("gpu"):
+        return f"GPU {m['gpu']} (host CPU {m.get('cpu')})"
+    return f"CPU {m.get('cpu')} ({m.get('torch_threads')} torch threads of {m.get('cpu_count')} cores)"
+
+
+def config_id(config: dict[str, Any]) -> str:
+    """Hash of a run's configuration without what does not change its result (seed, paths, logging)."""
+    ignore = {"seed", "paths", "logger", "hydra", "device", "threads"}
+    kept = {k: v for k, v in config.items() if k not in ignore}
+    blob = json.dumps(kept, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def load_records(runs_dir: Path, experiment: str) -> list[dict[str, Any]]:
+    """All complete records of one experiment; a file that is not valid JSON is reported and skipped."""
+    folder = Path(runs_dir) / experiment
+    records = []
+    for p in sorted(folder.glob("**/*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            print(f"warning: skipping unreadable record {p}: {e}", file=sys.stderr)
+            continue
+        rec["_path"] = str(p)
+        records.append(rec)
+    return records

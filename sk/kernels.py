@@ -1,0 +1,280 @@
+"""Kernels: one small module per kernel, each a function of the distance r = ||a - b|| (or of a.b).
+
+Every kernel class carries its formula as a static method ``k(sq_dist, lengthscale)`` so that the
+functional API (``sk.sparse_krr(..., kernel="gaussian", lengthscale=0.5)``) and the modules
+(``sk.Gaussian(lengthscale=0.5, learn_lengthscale=True)``) share one implementation. The lengthscale of
+a module is stored as its logarithm when learnable, so it is positive by construction.
+
+Two evaluations are offered, and both are needed by the solvers:
+
+- ``gram(a, b, lengthscale)``: the full kernel matrix between two sets (used by exact KRR), from the
+  expansion ||a||^2 - 2 a.b + ||b||^2 (one matmul);
+- ``local(z, xg, lengthscale)``: for each evaluation point z_m and its gathered neighbours X_{I_m}, the
+  vector K(z_m, X_{I_m}) and the k x k matrix K(X_{I_m}, X_{I_m}). The vector comes from exact
+  differences, so r = 0 is exact and its gradient is exact; the matrix comes from one batched matmul
+  of the differences x_i - z_m, which centres the expansion at z_m and keeps its cancellation error of
+  the order of the (small) neighbour distances rather than of ||x||^2.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Kernel", "Gaussian", "Laplacian", "Matern32", "Matern52", "IMQ", "Linear",
+    "KERNELS", "make_kernel", "safe_norm_from_sq", "sq_dists",
+]
+
+
+def safe_norm_from_sq(sq: Tensor) -> Tensor:
+    """r = sqrt(sq) with gradient 0 (not inf) where sq == 0.
+
+    sqrt(sq + tiny) would bias every distance; the double ``where`` keeps the value exact and stops the
+    infinite derivative of sqrt at 0 from reaching the graph (the inner ``where`` feeds sqrt a 1 there,
+    so the masked branch carries no NaN into the backward pass). A zero gradient is the symmetric
+    subgradient of ||a - b|| at a = b, and the exact gradient of k(x_i, x_i), which is constant.
+    """
+    positive = sq > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
+def sq_dists(a: Tensor, b: Tensor) -> Tensor:
+    """Squared Euclidean distances (..., n, m) between a (..., n, d) and b (..., m, d), clamped at 0.
+
+    Uses ||a||^2 - 2 a.b + ||b||^2 (one matmul); for the ranking of neighbours and for exact KRR.
+    """
+    a2 = (a * a).sum(-1, keepdim=True)
+    b2 = (b * b).sum(-1).unsqueeze(-2)
+    return (a2 + b2 - 2.0 * (a @ b.transpose(-1, -2))).clamp_min(0.0)
+
+
+class Kernel(nn.Module):
+    """Base class of the kernels: a lengthscale l > 0 (fixed or learned) and a formula ``k``.
+
+    Args:
+        lengthscale: initial l > 0 (a float or 0-dim tensor).
+        learn_lengthscale: make l an ``nn.Parameter``; it is stored as log(l), positive by construction.
+
+    Subclasses define ``k(sq_dist, lengthscale)`` for a stationary kernel (a function of r^2).
+    """
+
+    name = "kernel"
+    stationary = True
+
+    def __init__(self, lengthscale: float | Tensor = 1.0, learn_lengthscale: bool = False):
+        super().__init__()
+        value = torch.as_tensor(lengthscale, dtype=torch.get_default_dtype()).detach().clone()
+        if value.dim() != 0 or not torch.isfinite(value) or value <= 0:
+            raise ValueError(f"lengthscale must be a finite positive scalar, got {lengthscale!r}")
+        if learn_lengthscale:
+            self.log_lengthscale = nn.Parameter(value.log())
+        else:
+            self.register_buffer("log_lengthscale", value.log())
+
+    @property
+    def lengthscale(self) -> Tensor:
+        """l = exp(log l), a 0-dim tensor (positive by construction)."""
+        return self.log_lengthscale.exp()
+
+    @staticmethod
+    def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- evaluations shared by all stationary kernels -------------------------------------------------
+    @classmethod
+    def gram(cls, a: Tensor, b: Tensor, lengthscale: Tensor | float, same: bool = False) -> Tensor:
+        """K(a, b): (..., n, m) for a (..., n, d), b (..., m, d). ``same=True`` (a is b) makes the
+        diagonal distance exactly 0 instead of the expansion's rounding error."""
+        d2 = sq_dists(a, b)
+        if same:
+            d2 = _zero_diagonal(d2)
+        return cls.k(d2, lengthscale)
+
+    @classmethod
+    def local(cls, z: Tensor, xg: Tensor, lengthscale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """Cross vector and local matrix for gathered neighbours.
+
+        Args:
+            z: (B, d) evaluation points.
+            xg: (B, k, d) their gathered neighbours.
+        Returns:
+            kzx (B, k) = K(z_m, X_{I_m}), kxx (B, k, k) = K(X_{I_m}, X_{I_m}), and the exact squared
+            distances (B, k) from z_m to its neighbours.
+        """
+        diff = xg - z.unsqueeze(1)                        # (B, k, d), exact differences
+        d2z = (diff * diff).sum(-1)                       # (B, k)
+        # ||x_i - x_j||^2 = ||x_i - z||^2 + ||x_j - z||^2 - 2 (x_i - z).(x_j - z): one bmm.
+        d2xx = (d2z.unsqueeze(2) + d2z.unsqueeze(1) - 2.0 * torch.bmm(diff, diff.transpose(1, 2))).clamp_min(0.0)
+        d2xx = _zero_diagonal(d2xx)
+        return cls.k(d2z, lengthscale), cls.k(d2xx, lengthscale), d2z
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """K(a, b) with this module's lengthscale: a (..., n, d), b (..., m, d) -> (..., n, m)."""
+        return self.gram(a, b, self.lengthscale, same=a is b)
+
+    def extra_repr(self) -> str:
+        return f"lengthscale={self.lengthscale.item():.4g}, learnable={isinstance(self.log_lengthscale, nn.Parameter)}"
+
+
+def _zero_diagonal(m: Tensor) -> Tensor:
+    eye = torch.eye(m.shape[-1], dtype=torch.bool, device=m.device)
+    return m.masked_fill(eye, 0.0)
+
+
+class Gaussian(Kernel):
+    r"""Gaussian (squared-exponential, RBF) kernel.
+
+    .. math:: k(a, b) = \exp\!\left(-\frac{r^2}{2\ell^2}\right), \qquad r = \lVert a - b \rVert
+
+    Shapes: ``forward(a (n, d), b (m, d)) -> (n, m)``. Same as scikit-learn's ``rbf`` with
+    ``gamma = 1 / (2 l^2)``.
+
+    Example::
+
+        kern = sk.Gaussian(lengthscale=0.5, learn_lengthscale=True)
+        K = kern(x, x)                      # (N, N)
+    """
+
+    name = "gaussian"
+
+    @staticmethod
+    def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:
+        return torch.exp(-0.5 * sq_dist / (lengthscale * lengthscale))
+
+
+class Laplacian(Kernel):
+    r"""Laplacian (exponential, Matern-1/2) kernel with the Euclidean distance.
+
+    .. math:: k(a, b) = \exp\!\left(-\frac{r}{\ell}\right), \qquad r = \lVert a - b \rVert_2
+
+    Shapes: ``forward(a (n, d), b (m, d)) -> (n, m)``. Not scikit-learn's ``laplacian``, which uses the
+    L1 distance. The gradient at r = 0 is taken as 0 (see :func:`safe_norm_from_sq`).
+
+    Example::
+
+        kern = sk.Laplacian(lengthscale=2.0)
+        K = kern(z, x)                      # (M, N)
+    """
+
+    name = "laplacian"
+
+    @staticmethod
+    def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:
+        return torch.exp(-safe_norm_from_sq(sq_dist) / lengthscale)
+
+
+class Matern32(Kernel):
+    r"""Matern kernel with smoothness 3/2.
+
+    .. math:: k(a, b) = \left(1 + \frac{\sqrt{3}\, r}{\ell}\right) \exp\!\left(-\frac{\sqrt{3}\, r}{\ell}\right)
+
+    Shapes: ``forward(a (n, d), b (m, d)) -> (n, m)``. Differentiable at r = 0 with gradient 0, which the
+    safe norm returns exactly.
+
+    Example::
+
+        kern = sk.Matern32(lengthscale=1.0, learn_lengthscale=True)
+        K = kern(x, x)                      # (N, N)
+    """
+
+    name = "matern32"
+
+    @staticmethod
+    def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:
+        s = math.sqrt(3.0) * safe_norm_from_sq(sq_dist) / lengthscale
+        return (1.0 + s) * torch.exp(-s)
+
+
+class Matern52(Kernel):
+    r"""Matern kernel with smoothness 5/2.
+
+    .. math:: k(a, b) = \left(1 + \frac{\sqrt{5}\, r}{\ell} + \frac{5 r^2}{3 \ell^2}\right)
+              \exp\!\left(-\frac{\sqrt{5}\, r}{\ell}\right)
+
+    Shapes: ``forward(a (n, d), b (m, d)) -> (n, m)``.
+
+    Example::
+
+        kern = sk.Matern52(lengthscale=1.0)
+        K = kern(z, x)                      # (M, N)
+    """
+
+    name = "matern52"
+
+    @staticmethod
+    def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:
+        s = math.sqrt(5.0) * safe_norm_from_sq(sq_dist) / lengthscale
+        # 5 r^2 / (3 l^2) is written with sq_dist so that it keeps an exact gradient at r = 0.
+        return (1.0 + s + (5.0 / 3.0) * sq_dist / (lengthscale * lengthscale)) * torch.exp(-s)
+
+
+class IMQ(Kernel):
+    r"""Inverse multiquadric kernel.
+
+    .. math:: k(a, b) = \left(1 + \frac{r^2}{\ell^2}\right)^{-1/2}
+
+    Shapes: ``forward(a (n, d), b (m, d)) -> (n, m)``. Heavy-tailed: far neighbours keep some weight.
+
+    Example::
+
+        kern = sk.IMQ(lengthscale=1.0)
+        K = kern(x, x)                      # (N, N)
+    """
+
+    name = "imq"
+
+    @staticmethod
+    def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:
+        return torch.rsqrt(1.0 + sq_dist / (lengthscale * lengthscale))
+
+
+class Linear(Kernel):
+    r"""Linear kernel (the lengthscale is accepted and unused).
+
+    .. math:: k(a, b) = a^\top b
+
+    Shapes: ``forward(a (n, d), b (m, d)) -> (n, m)``. A local system has rank at most d: with k > d
+    neighbours use a positive ridge. Same as scikit-learn's ``linear``.
+
+    Example::
+
+        kern = sk.Linear()
+        K = kern(z, x)                      # (M, N)
+    """
+
+    name = "linear"
+    stationary = False
+
+    @staticmethod
+    def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:  # pragma: no cover - not distance-based
+        raise TypeError("the linear kernel is not a function of the distance")
+
+    @classmethod
+    def gram(cls, a: Tensor, b: Tensor, lengthscale: Tensor | float = 1.0, same: bool = False) -> Tensor:
+        return a @ b.transpose(-1, -2)
+
+    @classmethod
+    def local(cls, z: Tensor, xg: Tensor, lengthscale: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        kzx = torch.bmm(xg, z.unsqueeze(2)).squeeze(2)
+        kxx = torch.bmm(xg, xg.transpose(1, 2))
+        diff = xg - z.unsqueeze(1)
+        return kzx, kxx, (diff * diff).sum(-1)
+
+
+KERNELS: dict[str, type[Kernel]] = {
+    cls.name: cls for cls in (Gaussian, Laplacian, Matern32, Matern52, IMQ, Linear)
+}
+
+
+def kernel_class(name: str) -> type[Kernel]:
+    """The kernel class for a name; ValueError naming the choices for an unknown one."""
+    if not isinstance(name, str) or name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}")
+    return KERNELS[name]
+
+
+def make_kernel(name: str, lengthscale: float | Tensor = 1.0, learn_lengthscale: bool = False) -> Kernel:
+    """A kernel module by name: ``make_kernel("matern32", 0.5, learn_lengthscale=True)``."""
+    return kernel_class(name)(lengthscale=lengthscale, learn_lengthscale=learn_lengthscale)

@@ -1,0 +1,122 @@
+"""The skeleton: configs compose, the entry point fails clearly, sweeps and launchers leave records."""
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from experiments.core.runner import apply_profile, known_experiments, pick_device
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
+
+
+def records_in(tmp_path: Path, exp: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs" / exp).glob("**/*.json"))]
+
+
+def test_known_experiments_are_the_papers_four_and_smoke():
+    assert {"cnn_readout", "vit_probe", "transfer", "ddqn", "smoke"} <= set(known_experiments())
+
+
+@pytest.mark.parametrize("exp", known_experiments())
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_every_experiment_config_composes(exp, profile):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+exp={exp}", f"profile={profile}", "paths.root=/tmp/x"])
+    assert cfg.exp.name == exp
+    for group in ("data", "backbone", "sk", "logger"):
+        assert "name" in cfg[group] or group == "sk"
+    apply_profile(cfg)
+    assert "profiles" not in cfg.exp
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_unknown_experiment_lists_the_known_ones(cli):
+    proc = cli("+exp=no_such_thing", "logger=none", check=False)
+    assert proc.returncode != 0
+    assert "no_such_thing" in proc.stderr
+    for name in ("cnn_readout", "smoke", "ddqn"):
+        assert name in proc.stderr
+
+
+def test_missing_experiment_says_how_to_choose(cli):
+    proc = cli("logger=none", check=False)
+    assert proc.returncode != 0
+    assert "+exp=NAME" in proc.stderr and "smoke" in proc.stderr
+
+
+def test_bad_profile_and_device_fail_clearly(cli):
+    proc = cli("+exp=smoke", "logger=none", "profile=huge", check=False)
+    assert proc.returncode != 0 and "profile='huge'" in proc.stderr
+    with pytest.raises(ValueError, match="device must be"):
+        pick_device("tpu")
+
+
+def test_single_run_writes_a_complete_record(cli, tmp_path):
+    cli("+exp=smoke", "logger=none", "seed=3")
+    (rec,) = records_in(tmp_path, "smoke")
+    assert rec["seed"] == 3 and rec["experiment"] == "smoke" and rec["profile"] == "quick"
+    assert rec["config"]["sk"]["k"] == 32 and rec["duration_s"] > 0
+    assert {"cpu", "torch", "cpu_count"} <= set(rec["machine"])
+    assert rec["git_commit"] and "seed=3" in rec["command"]
+    probes = {r["keys"]["probe"]: r["metrics"]["test_acc"] for r in rec["rows"]}
+    assert set(probes) == {"sk", "knn"}
+    assert all(0.8 < acc <= 1.0 for acc in probes.values())  # digits on raw pixels is easy
+    assert not list((tmp_path / "outputs").glob("**/wandb"))
+
+
+def test_same_seed_same_numbers(cli, tmp_path):
+    cli("-m", "+exp=smoke", "logger=none", "seed=1,1")
+    a, b = records_in(tmp_path, "smoke")
+    assert [r["metrics"]["test_acc"] for r in a["rows"]] == [r["metrics"]["test_acc"] for r in b["rows"]]
+    assert [r["info"] for r in a["rows"]] == [r["info"] for r in b["rows"]]
+    assert a["summary"]["val_acc"] == b["summary"]["val_acc"]
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_multirun_with_launcher_leaves_one_record_per_job(cli, tmp_path, launcher):
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]
+    cli("-m", f"hydra/launcher={launcher}", *extra, "+exp=smoke", "logger=none", "seed=0,1", "sk.tune=false", "sk.k=4,8")
+    recs = records_in(tmp_path, "smoke")
+    assert len(recs) == 4
+    assert sorted((r["seed"], r["config"]["sk"]["k"]) for r in recs) == [(0, 4), (0, 8), (1, 4), (1, 8)]
+
+
+def test_slurm_launcher_config_is_shipped():
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+exp=smoke", "hydra/launcher=slurm", "paths.root=/tmp/x"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_wandb_offline_writes_run_files_one_group_per_sweep(cli, tmp_path):
+    cli("-m", "+exp=smoke", "seed=0,1", "sk.tune=false", f"logger.dir={tmp_path}/wb", env={"WANDB_MODE": ""})
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # each job finished its own run
+    assert all(list(r.glob("*.wandb")) for r in runs)
+    groups = {rec["wandb_group"] for rec in records_in(tmp_path, "smoke")}
+    assert len(groups) == 1 and groups.pop().startswith("smoke-")
+
+
+def test_logger_none_writes_no_tracker_files(cli, tmp_path):
+    cli("+exp=smoke", "logger=none", "sk.tune=false", f"+unused_dir={tmp_path}/wb")
+    assert not list(tmp_path.glob("**/offline-run-*"))
+    assert records_in(tmp_path, "smoke")[0]["wandb_group"] is None
+
+
+def test_online_without_key_fails_clearly(cli, tmp_path):
+    proc = cli("+exp=smoke", "logger.mode=online", "sk.tune=false", f"logger.dir={tmp_path}/wb",
+               env={"WANDB_API_KEY": "", "HOME": str(tmp_path)}, check=False)
+    assert proc.returncode != 0 and "WANDB_API_KEY" in proc.stderr
+    assert not records_in(tmp_path, "smoke")
+
+
+def test_optuna_sweep_over_sk_hyperparameters(cli, tmp_path):
+    proc = cli("-m", "+exp=smoke", "+hparams_search=sk_optuna", "logger=none", "hydra.sweeper.n_trials=3")
+    recs = records_in(tmp_path, "smoke")
+    assert len(recs) == 3
+    assert len({(r["config"]["sk"]["k"], r["config"]["sk"]["kernel"]) for r in recs}) >= 2
+    assert "Best value" in proc.stdout + proc.stderr or (tmp_path / "multirun" / "optimization_results.yaml").exists()
