@@ -17,6 +17,7 @@ def run_cli(args: list[str], tmp_path: Path, env: dict | None = None, check: boo
            f"paths.results={tmp_path}/results", f"paths.cache={tmp_path}/cache",
            f"hydra.run.dir={tmp_path}/outputs/run", f"hydra.sweep.dir={tmp_path}/multirun"]
     full_env = {**os.environ, "SK_NO_PROGRESS": "1", "WANDB_SILENT": "true", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset that variable
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"

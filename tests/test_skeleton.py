@@ -93,7 +93,7 @@ def test_slurm_launcher_config_is_shipped():
 
 
 def test_wandb_offline_writes_run_files_one_group_per_sweep(cli, tmp_path):
-    cli("-m", "+exp=smoke", "seed=0,1", "sk.tune=false", f"logger.dir={tmp_path}/wb", env={"WANDB_MODE": ""})
+    cli("-m", "+exp=smoke", "seed=0,1", "sk.tune=false", f"logger.dir={tmp_path}/wb", env={"WANDB_MODE": None})
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # each job finished its own run
     assert all(list(r.glob("*.wandb")) for r in runs)
