@@ -17,8 +17,9 @@ Two agents, identical except for one term, trained with the same seeds, budgets 
                         Q(s, ·) = Q_θ(s, ·) + SK(ψ(s); X = ψ(s_1..s_S), Y)
                     ψ(s) = L2-normalised penultimate features of the same network (the online network's
                     for Q_online, the target network's for Q_target: the target network is a frozen copy
-                    of the whole augmented Q-function). SK is the local lazy kernel ridge regression of
-                    ``sk.sparse_krr``: each query solves a k×k system on its k nearest support points.
+                    of the whole augmented Q-function). SK is an ``sk.SKLayer``, the local lazy kernel ridge
+                    regression of ``sk.sparse_krr``: each query solves a k×k system on its k nearest
+                    support points.
                     - Support states s_1..s_S: a uniform sample (without replacement) of S replay
                       transitions, redrawn every ``sk_refresh_interval`` env steps. Their
                       representations X are recomputed by the current network at every forward pass,
@@ -145,33 +146,46 @@ class QNetwork(nn.Module):
 
 
 class SKQNetwork(nn.Module):
-    """Q(s, ·) = Q_θ(s, ·) + SK(ψ(s); X = ψ(support_obs), Y = targets), ψ = L2-normalised features."""
+    """Q(s, ·) = Q_θ(s, ·) + SK(ψ(s); X = ψ(support_obs), Y), ψ = L2-normalised features of ``qnet``.
+
+    The SK term is an ``sk.SKLayer`` whose representations are passed per call (the current network's
+    features of the support states) and whose targets Y (S, A) are a buffer (fixed) or a parameter
+    (learned). ``support_obs`` and Y are set by ``refresh_support``; until then the term is absent.
+    """
 
     def __init__(self, qnet: QNetwork, obs_shape, obs_dtype: torch.dtype, num_actions: int, support_size: int,
                  k: int, kernel: str, ridge: float, learned_targets: bool):
         super().__init__()
-        self.qnet, self.k, self.kernel, self.ridge = qnet, k, kernel, ridge
+        self.qnet = qnet
         self.register_buffer("support_obs", torch.zeros(support_size, *obs_shape, dtype=obs_dtype))
-        targets = torch.zeros(support_size, num_actions)
-        if learned_targets:
-            self.targets = nn.Parameter(targets)
-        else:
-            self.register_buffer("targets", targets)
-        self.register_buffer("lengthscale", torch.tensor(1.0))
-        self.register_buffer("active", torch.tensor(False))  # False until the first refresh
+        self.sk = sk.SKLayer(targets=torch.zeros(support_size, num_actions), k=k, kernel=kernel, ridge=ridge,
+                             learn_targets=learned_targets)
+        self.register_buffer("active", torch.tensor(False))
 
-    def psi(self, features: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def psi(features: torch.Tensor) -> torch.Tensor:
         return F.normalize(features, dim=1)
+
+    def cached_support_psi(self) -> torch.Tensor:
+        """ψ(support states) without grad, recomputed only when the network or the support set has changed
+        (every in-place update, optimiser steps and load_state_dict included, bumps a tensor's _version)."""
+        key = (self.support_obs._version, *(p._version for p in self.qnet.parameters()))
+        if getattr(self, "_cache_key", None) != key:
+            self._cache, self._cache_key = self.psi(self.qnet.features(self.support_obs)), key
+        return self._cache
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.qnet(obs)
-        n = obs.shape[0]
-        features = self.qnet.features(torch.cat([obs, self.support_obs]))  # one pass for queries and support
-        psi = self.psi(features)
-        correction = sk.sparse_krr(psi[:n], psi[n:], self.targets, k=self.k, kernel=self.kernel,
-                                   lengthscale=self.lengthscale, ridge=self.ridge)
-        return self.qnet.head(features[:n]) + correction
+        if torch.is_grad_enabled():  # training: one pass for queries and support, gradients reach both
+            n = obs.shape[0]
+            features = self.qnet.features(torch.cat([obs, self.support_obs]))
+            psi = self.psi(features)
+            features, psi_obs, psi_support = features[:n], psi[:n], psi[n:]
+        else:  # acting, bootstrap targets: the support's features change only when the network does
+            features = self.qnet.features(obs)
+            psi_obs, psi_support = self.psi(features), self.cached_support_psi()
+        return self.qnet.head(features) + self.sk(psi_obs, representations=psi_support)
 
 
 @torch.no_grad()
@@ -183,12 +197,10 @@ def refresh_support(agent: SKQNetwork, target_agent: SKQNetwork, rb: "ReplayBuff
     y = double_dqn_target(rewards, dones, agent(next_obs), target_agent(next_obs), gamma)
     residual = y - agent.qnet(obs).gather(1, actions[:, None]).squeeze(1)
     agent.support_obs.copy_(obs)
-    agent.targets.zero_()
-    agent.targets.scatter_(1, actions[:, None], residual[:, None])
+    agent.sk.targets.zero_().scatter_(1, actions[:, None], residual[:, None])
     if lengthscale == "auto":
-        agent.lengthscale.fill_(float(sk.auto_lengthscale(agent.psi(agent.qnet.features(obs)), k=agent.k)))
-    else:
-        agent.lengthscale.fill_(float(lengthscale))
+        lengthscale = sk.auto_lengthscale(agent.psi(agent.qnet.features(obs)), k=agent.sk.k)
+    agent.sk.kernel.log_lengthscale.fill_(math.log(float(lengthscale)))
     agent.active.fill_(True)
 
 
@@ -333,7 +345,8 @@ def train(s: dict, seed: int, device: torch.device, checkpoint_path: Path | None
     while step < s["total_steps"]:
         if obs is None:
             obs, episode_return = reset_env(env, rng), 0.0
-        epsilon = linear_schedule(s["exploration_initial_eps"], s["exploration_final_eps"], s["exploration_steps"], step)
+        epsilon = linear_schedule(s["exploration_initial_eps"], s["exploration_final_eps"],
+                                  s["exploration_steps"], step)
         if rng.random() < epsilon:
             action = int(rng.integers(num_actions))
         else:
@@ -348,11 +361,11 @@ def train(s: dict, seed: int, device: torch.device, checkpoint_path: Path | None
 
         if step > s["learning_starts"] and step % s["train_freq"] == 0:
             for _ in range(s["gradient_steps"]):
-                b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.batch(rng.integers(rb.size, size=s["batch_size"]), device)
-                q_all = agent(torch.cat([b_obs, b_next_obs]))
-                q, next_q_online = q_all[: len(b_obs)], q_all[len(b_obs):].detach()
+                batch = rb.batch(rng.integers(rb.size, size=s["batch_size"]), device)
+                b_obs, b_actions, b_rewards, b_next_obs, b_dones = batch
+                q = agent(b_obs)
                 with torch.no_grad():
-                    next_q_target = target_agent(b_next_obs)
+                    next_q_online, next_q_target = agent(b_next_obs), target_agent(b_next_obs)
                 td_target = double_dqn_target(b_rewards, b_dones, next_q_online, next_q_target, s["gamma"])
                 q_taken = q.gather(1, b_actions[:, None]).squeeze(1)
                 loss = F.smooth_l1_loss(q_taken, td_target)
@@ -364,14 +377,15 @@ def train(s: dict, seed: int, device: torch.device, checkpoint_path: Path | None
         if s["agent"] == "sk" and step % s["sk_refresh_interval"] == 0 and rb.size >= s["support_size"]:
             refresh_support(agent, target_agent, rb, rng, s["gamma"], s["sk_lengthscale"], device)
             if s["sk_targets"] == "learned":
-                optimizer.state.pop(agent.targets, None)  # new values for new points: fresh Adam moments
+                optimizer.state.pop(agent.sk.targets, None)  # new values for new points: fresh Adam moments
 
         if step % s["target_update_interval"] == 0:
             target_agent.load_state_dict(agent.state_dict())
 
         if step % s["eval_interval"] == 0 or step == s["total_steps"]:
             train_seconds += time.perf_counter() - train_start
-            returns = evaluate(agent, s["env_id"], s["eval_episodes"], s["eval_seed"] + 1000 * seed, s["eval_epsilon"], device)
+            returns = evaluate(agent, s["env_id"], s["eval_episodes"], s["eval_seed"] + 1000 * seed,
+                               s["eval_epsilon"], device)
             curve["x"].append(step)
             curve["y"].append(float(np.mean(returns)))
             if log is not None:
@@ -484,36 +498,43 @@ def _runs(records: list[dict]) -> dict:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (env, agent variant): 95% CIs over seeds, and per agent variant across envs.
+    """95% bootstrap CIs over seeds: one row per (env, agent variant), and per agent variant across envs.
 
-    Columns: the row keys, ``n_seeds``; for ``final_return`` and ``auc``: ``<m>_mean`` and ``<m>_iqm``
-    with ``_lo``/``_hi`` bounds (percentile bootstrap, 10,000 replicates). Rows with env ``all`` (only
-    when several envs are present) pool the normalised final score (R − random)/(threshold − random)
-    of every env, with the bootstrap stratified by env.
+    Columns: the row keys, ``n_seeds``, then for each metric m of ``final_return`` (raw return),
+    ``auc`` and ``normalised_final`` ((final_return − random_return)/(threshold − random_return)):
+    ``m_mean`` and ``m_iqm`` (interquartile mean), each with ``_lo``/``_hi`` bounds (percentile
+    bootstrap over seeds, 10,000 replicates). Rows with env ``all`` (only when several envs are present)
+    pool the runs of every env, the bootstrap stratified by env (rliable); their ``final_return_*`` are
+    None (raw returns of different envs do not pool) and ``n_seeds`` is the smallest count of an env.
     """
+    metrics = ("final_return", "auc", "normalised_final")
     rows, by_variant = [], {}
     for keys, runs in sorted(_runs(records).items(), key=lambda kv: str(kv[0])):
         keys = dict(keys)
-        row = {**keys, "n_seeds": len(runs)}
-        for metric in ("final_return", "auc"):
-            x = np.array([r["metrics"][metric] for _, r in runs], dtype=float)
-            for name, stat in (("mean", _mean), ("iqm", iqm)):
-                row[f"{metric}_{name}"], row[f"{metric}_{name}_lo"], row[f"{metric}_{name}_hi"] = \
-                    stratified_bootstrap_ci([x], stat)
-        rows.append(row)
-        cfg = runs[0][0]["config"]["exp"]["envs"][keys["env"]]
-        final = np.array([r["metrics"]["final_return"] for _, r in runs], dtype=float)
+        env_cfg = runs[0][0]["config"]["exp"]["envs"][keys["env"]]
+        scores = {m: np.array([r["metrics"][m] for _, r in runs], dtype=float) for m in ("final_return", "auc")}
+        scores["normalised_final"] = ((scores["final_return"] - env_cfg["random_return"])
+                                      / (env_cfg["threshold"] - env_cfg["random_return"]))
+        rows.append({**keys, "n_seeds": len(runs), **_ci_columns({m: [scores[m]] for m in metrics})})
         variant = tuple((k, v) for k, v in keys.items() if k != "env")
-        by_variant.setdefault(variant, []).append((final - cfg["random_return"]) / (cfg["threshold"] - cfg["random_return"]))
+        by_variant.setdefault(variant, []).append(scores)
     for variant, per_env in by_variant.items():
         if len(per_env) < 2:
             continue
-        row = {"env": "all", **dict(variant), "n_seeds": min(len(x) for x in per_env)}
-        for name, stat in (("mean", _mean), ("iqm", iqm)):
-            row[f"normalised_final_{name}"], row[f"normalised_final_{name}_lo"], row[f"normalised_final_{name}_hi"] = \
-                stratified_bootstrap_ci(per_env, stat)
+        row = {"env": "all", **dict(variant), "n_seeds": min(len(s["auc"]) for s in per_env)}
+        row.update({f"final_return_{name}{end}": None for name in ("mean", "iqm") for end in ("", "_lo", "_hi")})
+        row.update(_ci_columns({m: [s[m] for s in per_env] for m in ("auc", "normalised_final")}))
         rows.append(row)
     return rows
+
+
+def _ci_columns(scores_by_metric: dict) -> dict:
+    out = {}
+    for metric, per_task in scores_by_metric.items():
+        for name, stat in (("mean", _mean), ("iqm", iqm)):
+            est, lo, hi = stratified_bootstrap_ci(per_task, stat)
+            out.update({f"{metric}_{name}": est, f"{metric}_{name}_lo": lo, f"{metric}_{name}_hi": hi})
+    return out
 
 
 def make_figure(records: list[dict], path: Path) -> None:
@@ -525,7 +546,7 @@ def make_figure(records: list[dict], path: Path) -> None:
 
     groups = _runs(records)
     envs = sorted({dict(k)["env"] for k in groups})
-    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(envs), figsize=(max(6.0, 5 * len(envs)), 4.0), squeeze=False)
     for ax, env in zip(axes[0], envs):
         for keys, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
             keys = dict(keys)
@@ -542,12 +563,14 @@ def make_figure(records: list[dict], path: Path) -> None:
                 f"sk ({keys['sk_targets']}, S={keys['support_size']}, k={keys['sk_k']})"
             line, = ax.plot(x, y.mean(axis=0), label=f"{label}, n={len(y)}")
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
-        env_cfg = next(rec for (k, runs) in groups.items() if dict(k)["env"] == env for rec, _ in runs)["config"]["exp"]["envs"][env]
+        env_cfg = next(runs[0][0] for k, runs in groups.items() if dict(k)["env"] == env)["config"]["exp"]["envs"][env]
         ax.axhline(env_cfg["threshold"], color="grey", ls="--", lw=0.8)
         ax.set_title(env_cfg["env_id"])
         ax.set_xlabel("environment steps")
         ax.set_ylabel("evaluation return")
         ax.legend(fontsize=7)
+    fig.suptitle("Evaluation return: mean over seeds; band: 95% bootstrap CI of the mean;\n"
+                 "dashed: the env's threshold", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

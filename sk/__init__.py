@@ -1,0 +1,29 @@
+"""Sparse Kernels (SK): local, lazy, differentiable kernel ridge regression for PyTorch.
+
+For each evaluation point, SK solves a k x k kernel ridge regression on its k nearest support points;
+gradients reach the evaluation points, the support representations, the targets and the kernel's
+hyperparameters. The package needs torch alone (numpy optional, faiss optional for the search).
+
+    import sk
+    f = sk.sparse_krr(z, x, y, k=32, kernel="gaussian", lengthscale=1.0, ridge=1e-3)
+    g = sk.exact_krr(z, x, y, kernel="gaussian", lengthscale=1.0, ridge=1e-3)
+
+See docs in each module: ``sk.kernels`` (formulas), ``sk.knn`` (search, weighted k-NN, auto
+lengthscale), ``sk.linalg`` (jittered Cholesky), ``sk.krr`` (functional API, continuous variant),
+``sk.modules`` (SKLayer, SKClassifier).
+"""
+from .kernels import (IMQ, KERNELS, Gaussian, Kernel, Laplacian, Linear, Matern32, Matern52, make_kernel,
+                      safe_norm_from_sq, sq_dists)
+from .knn import BACKENDS, auto_lengthscale, knn_search, weighted_knn
+from .krr import continuity_weights, exact_krr, sparse_krr
+from .linalg import SingularSystemError, psd_solve, robust_cholesky
+from .modules import SKClassifier, SKLayer
+
+__all__ = [
+    "sparse_krr", "exact_krr", "knn_search", "weighted_knn", "auto_lengthscale",
+    "SKLayer", "SKClassifier",
+    "Kernel", "Gaussian", "Laplacian", "Matern32", "Matern52", "IMQ", "Linear", "KERNELS", "make_kernel",
+    "BACKENDS", "SingularSystemError", "robust_cholesky", "psd_solve", "continuity_weights",
+    "safe_norm_from_sq", "sq_dists",
+]
+__version__ = "0.1.0"

@@ -12,8 +12,7 @@ Two evaluations are offered, and both are needed by the solvers:
 - ``local(z, xg, lengthscale)``: for each evaluation point z_m and its gathered neighbours X_{I_m}, the
   vector K(z_m, X_{I_m}) and the k x k matrix K(X_{I_m}, X_{I_m}). The vector comes from exact
   differences, so r = 0 is exact and its gradient is exact; the matrix comes from one batched matmul
-  of the differences x_i - z_m, which centres the expansion at z_m and keeps its cancellation error of
-  the order of the (small) neighbour distances rather than of ||x||^2.
+  of the gathered neighbours.
 """
 from __future__ import annotations
 
@@ -40,14 +39,24 @@ def safe_norm_from_sq(sq: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def sq_dists(a: Tensor, b: Tensor) -> Tensor:
+def sq_dists(a: Tensor, b: Tensor, refine: float = 1e-4) -> Tensor:
     """Squared Euclidean distances (..., n, m) between a (..., n, d) and b (..., m, d), clamped at 0.
 
-    Uses ||a||^2 - 2 a.b + ||b||^2 (one matmul); for the ranking of neighbours and for exact KRR.
+    Uses ||a||^2 - 2 a.b + ||b||^2 (one matmul). Its rounding error is about eps (||a||^2 + ||b||^2),
+    large next to a small distance, so entries below ``refine`` x (||a||^2 + ||b||^2) (near pairs, rare)
+    are recomputed from exact differences: r = 0 stays exactly 0 and its gradient exact.
+    ``refine=0`` skips that pass.
     """
     a2 = (a * a).sum(-1, keepdim=True)
     b2 = (b * b).sum(-1).unsqueeze(-2)
-    return (a2 + b2 - 2.0 * (a @ b.transpose(-1, -2))).clamp_min(0.0)
+    d2 = (a2 + b2 - 2.0 * (a @ b.transpose(-1, -2))).clamp_min(0.0)
+    if refine > 0:
+        near = d2 <= refine * (a2 + b2).detach()
+        if bool(near.any()):
+            where = near.nonzero(as_tuple=True)
+            diff = a[where[:-2] + (where[-2],)] - b[where[:-2] + (where[-1],)]
+            d2 = d2.index_put(where, (diff * diff).sum(-1))
+    return d2
 
 
 class Kernel(nn.Module):
@@ -100,14 +109,20 @@ class Kernel(nn.Module):
             z: (B, d) evaluation points.
             xg: (B, k, d) their gathered neighbours.
         Returns:
-            kzx (B, k) = K(z_m, X_{I_m}), kxx (B, k, k) = K(X_{I_m}, X_{I_m}), and the exact squared
-            distances (B, k) from z_m to its neighbours.
+            kzx (B, k) = K(z_m, X_{I_m}), kxx (B, k, k) = K(X_{I_m}, X_{I_m}), and the squared distances
+            (B, k) from z_m to its neighbours.
+
+        The distances z_m - x_i come from exact differences (``cdist`` without the matmul expansion, a
+        fused kernel that never holds the (B, k, d) differences): r = 0 is exactly 0 and its gradient
+        exact. The k x k distances come from one ``bmm`` (||x_i||^2 + ||x_j||^2 - 2 x_i.x_j, the norms
+        read off its diagonal, so the diagonal distance is exactly 0); its rounding error is about
+        eps ||x||^2, so callers pass points centred on the data (``sk.sparse_krr`` subtracts the
+        support mean, which a stationary kernel does not see).
         """
-        diff = xg - z.unsqueeze(1)                        # (B, k, d), exact differences
-        d2z = (diff * diff).sum(-1)                       # (B, k)
-        # ||x_i - x_j||^2 = ||x_i - z||^2 + ||x_j - z||^2 - 2 (x_i - z).(x_j - z): one bmm.
-        d2xx = (d2z.unsqueeze(2) + d2z.unsqueeze(1) - 2.0 * torch.bmm(diff, diff.transpose(1, 2))).clamp_min(0.0)
-        d2xx = _zero_diagonal(d2xx)
+        d2z = torch.cdist(z.unsqueeze(1), xg, compute_mode="donot_use_mm_for_euclid_dist").squeeze(1).square()
+        gram = torch.bmm(xg, xg.transpose(1, 2))                       # (B, k, k)
+        sq = gram.diagonal(dim1=1, dim2=2)
+        d2xx = _zero_diagonal((sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * gram).clamp_min(0.0))
         return cls.k(d2z, lengthscale), cls.k(d2xx, lengthscale), d2z
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
@@ -259,8 +274,8 @@ class Linear(Kernel):
     def local(cls, z: Tensor, xg: Tensor, lengthscale: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         kzx = torch.bmm(xg, z.unsqueeze(2)).squeeze(2)
         kxx = torch.bmm(xg, xg.transpose(1, 2))
-        diff = xg - z.unsqueeze(1)
-        return kzx, kxx, (diff * diff).sum(-1)
+        d2z = torch.cdist(z.unsqueeze(1), xg, compute_mode="donot_use_mm_for_euclid_dist").squeeze(1).square()
+        return kzx, kxx, d2z
 
 
 KERNELS: dict[str, type[Kernel]] = {

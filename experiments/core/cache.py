@@ -39,7 +39,7 @@ def cache_key(parts: dict[str, Any]) -> str:
 def tensor_fingerprint(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-dim tensors (BN counters) cannot be viewed as bytes
     return h.hexdigest()
 
 

@@ -139,7 +139,7 @@ def ncm_probe(train_x, train_y, test_x, test_y, num_classes) -> ProbeResult:
     """Nearest class mean on L2-normalised features."""
     t0 = time.perf_counter()
     x = F.normalize(train_x.float(), dim=1)
-    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, train_y.long(), x)
+    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, train_y.long(), x)
     counts = torch.bincount(train_y.long(), minlength=num_classes).clamp_min(1).unsqueeze(1)
     means = F.normalize(means / counts, dim=1)
     fit_s = time.perf_counter() - t0
@@ -156,8 +156,8 @@ def _standardize(x_fit: torch.Tensor, *others: torch.Tensor):
 def _fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, init=None, max_iter: int = 200):
     """Multinomial logistic regression, sklearn's objective C·Σ loss + ½‖W‖² (bias unpenalised), by L-BFGS."""
     n, d = x.shape
-    w = torch.zeros(d, num_classes, dtype=x.dtype) if init is None else init[0].clone()
-    b = torch.zeros(num_classes, dtype=x.dtype) if init is None else init[1].clone()
+    w = torch.zeros(d, num_classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
     w.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,

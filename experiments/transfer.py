@@ -1,0 +1,515 @@
+"""Training-free transfer (issue 6): a frozen pretrained backbone plus SK on the target task's labels.
+
+Claim tested: SK on frozen features transfers with no training at all, and is strongest when labels are
+few. For n = 1, 5, 10, 50, 100 and all labelled examples per class, one run (one seed) draws one
+labelled set per n and reads the test set out with
+
+- ``sk``: the SK classifier (no training). Hyperparameters: for n < ``sk_tune_min_shots`` cfg.sk's
+  fixed values (k, kernel, ridge; lengthscale ``auto``), since a leave-one-out on one example a class
+  removes the class; for larger n, leave-one-out over cfg.sk.grid on the labelled draw (free for a lazy
+  method: each labelled point is predicted from its neighbours among the others).
+- ``knn``: DINO's weighted k-NN (no training); ``ncm``: nearest class mean (no training);
+- ``linear``: logistic regression (trained), C from a stratified validation split of the labelled draw
+  (a fixed C below ``linear_tune_min_shots``);
+- ``finetune``: the backbone's last block, head convolution and a new linear classifier trained for a
+  fixed short schedule on the cached activations that enter the last block (backbones with
+  ``split_last_block`` only, e.g. EfficientNet-Lite0; a timm ViT's cached tokens would not fit on disk
+  at paper scale, so ``backbone=timm`` runs the four other methods).
+
+Settings (rows' ``setting`` key):
+1. ``<backbone>-><data>``: the pretrained backbone (cfg.backbone; default EfficientNet-Lite0 with its
+   packaged ImageNet weights) applied to cfg.data at the backbone's resolution and normalisation.
+2. ``small_cnn[0-4]->fashion_mnist[5-9]`` (``exp.within``): a small CNN trained on Fashion-MNIST classes
+   0-4 (once, with ``subset_seed``, cached), its frozen features read out on classes 5-9.
+
+The labelled draws are nested (the n-shot set holds the first n images of a per-class permutation of
+the pool drawn from the run seed) and one draw feeds every method (``draw_labelled`` -> ``evaluate``).
+The pool (train split) and the test images are fixed subsets, independent of the seed, and so are the
+cached features. Every support set is checked to be disjoint from the test images (``assert_disjoint``,
+on image ids: train index, or n_train + test index).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import sk
+from experiments.backbones import create
+from experiments.core.cache import file_fingerprint, module_fingerprint, tensor_fingerprint
+from experiments.core.data import load_dataset
+from experiments.core.probes import ProbeResult, accuracy, knn_probe, linear_probe, ncm_probe, sk_probe
+from experiments.core.train import extract_features, predict, train_classifier
+
+ALL = "all"
+DRAW_SEED = 7919  # offset of the labelled draws' generator (the run seed is added)
+METHOD_ORDER = ["sk", "knn", "ncm", "linear", "finetune"]
+
+
+# ----------------------------------------------------------------------------- data subsets and draws
+
+def fixed_subset(labels: torch.Tensor, per_class: int | None, seed: int, classes=None) -> torch.Tensor:
+    """Sorted indices of ``per_class`` images of each class (of ``classes``, default all), seeded."""
+    classes = sorted(int(c) for c in (classes if classes is not None else labels.unique().tolist()))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in classes:
+        idx = (labels == c).nonzero().flatten()
+        if per_class is not None:
+            if per_class > len(idx):
+                raise ValueError(f"class {c} has {len(idx)} images, fewer than the {per_class} asked for")
+            idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
+        out.append(idx)
+    return torch.cat(out).sort().values
+
+
+def draw_labelled(labels: torch.Tensor, shots: list, seed: int) -> dict[Any, torch.Tensor]:
+    """The labelled set of every n in ``shots``: sorted positions into ``labels`` (the pool).
+
+    One per-class permutation is drawn from ``seed``; the n-shot set is the first n of each class
+    (so the sets are nested). ``"all"`` is the whole pool. This is the single source of labelled sets:
+    every method at a given (n, seed) gets the same one.
+    """
+    g = torch.Generator().manual_seed(DRAW_SEED + int(seed))
+    perms = {int(c): (labels == c).nonzero().flatten() for c in labels.unique().tolist()}
+    perms = {c: idx[torch.randperm(len(idx), generator=g)] for c, idx in sorted(perms.items())}
+    draws = {}
+    for n in shots:
+        if n == ALL:
+            draws[ALL] = torch.arange(len(labels))
+            continue
+        n = int(n)
+        small = min(len(p) for p in perms.values())
+        if n < 1 or n > small:
+            raise ValueError(f"cannot draw {n} labelled images a class from a pool with {small} in its smallest class")
+        draws[n] = torch.cat([p[:n] for p in perms.values()]).sort().values
+    return draws
+
+
+def assert_disjoint(support_ids: torch.Tensor, test_ids: torch.Tensor) -> None:
+    """Raise if any test image id is in the support set."""
+    common = torch.isin(support_ids, test_ids)
+    if bool(common.any()):
+        raise AssertionError(f"{int(common.sum())} test images are in the support set, e.g. id "
+                             f"{int(support_ids[common][0])}")
+
+
+def stratified_split(y: torch.Tensor, val_frac: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, val) positions with round(val_frac * n_c) >= 1 images of each class c in val (and >= 1 in fit)."""
+    fit, val = [], []
+    for c in y.unique().tolist():
+        idx = (y == c).nonzero().flatten()
+        if len(idx) < 2:
+            raise ValueError(f"class {c} has {len(idx)} labelled image(s): no validation split possible")
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_val = min(max(1, round(val_frac * len(idx))), len(idx) - 1)
+        val.append(idx[:n_val])
+        fit.append(idx[n_val:])
+    return torch.cat(fit).sort().values, torch.cat(val).sort().values
+
+
+def _at_least(n, threshold: int) -> bool:
+    return n == ALL or int(n) >= threshold
+
+
+# ----------------------------------------------------------------------------- features
+
+@dataclass
+class Bank:
+    """Cached features of one setting: the labelled pool and the test images, with their image ids."""
+
+    setting: str
+    num_classes: int
+    pool_x: torch.Tensor
+    pool_y: torch.Tensor
+    pool_ids: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_ids: torch.Tensor
+    pool_act: torch.Tensor | None = None  # activations entering the last block (fine-tuning)
+    test_act: torch.Tensor | None = None
+    make_tail: Callable[[], nn.Module] | None = None  # a fresh trainable copy of the last block + pooling
+    info: dict[str, str] = field(default_factory=dict)
+
+
+def input_spec(model: nn.Module, cfg_backbone, data) -> dict[str, Any]:
+    """Preprocessing a backbone expects: its normalisation, channels and resolution."""
+    mean_std = getattr(model, "mean_std", None) or data.mean_std
+    return {"mean_std": [list(mean_std[0]), list(mean_std[1])],
+            "channels": int(getattr(model, "in_chans", None) or cfg_backbone.get("in_chans", 3) or 3),
+            "size": getattr(model, "img_size", None) or cfg_backbone.get("img_size")}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    path = getattr(model, "weights_path", None)
+    return file_fingerprint(path) if path is not None else module_fingerprint(model)
+
+
+def backbone_features(model, images: torch.Tensor, ids: torch.Tensor, split: str, spec: dict, with_act: bool,
+                      cfg, ctx, key: dict) -> dict[str, torch.Tensor]:
+    """{"feats": (N, d)[, "act": activations entering the last block]} of ``images[ids]``, cached."""
+    parts = {"kind": "transfer_features", **key, "split": split, "ids": ids, "preprocess": spec, "act": with_act}
+
+    def compute():
+        kw = dict(batch_size=int(cfg.exp.batch_size), device=ctx.device, mean_std=spec["mean_std"],
+                  channels=spec["channels"], size=spec["size"], amp=bool(cfg.exp.amp), progress=ctx.progress)
+        x = images[ids]
+        if not with_act:
+            return {"feats": extract_features(model, x, desc=f"{split} features", **kw)}
+        trunk, tail = model.split_last_block()
+        act = extract_features(trunk, x, desc=f"{split} trunk", **kw)
+        tail.to(ctx.device).eval()
+        with torch.no_grad():
+            feats = torch.cat([tail(act[s:s + kw["batch_size"]].to(ctx.device)).float().cpu()
+                               for s in range(0, len(act), kw["batch_size"])])
+        return {"feats": feats, "act": act}
+
+    return ctx.cache.get_or_compute(parts, compute)
+
+
+def pretrained_bank(cfg, ctx) -> Bank:
+    data = load_dataset(cfg.data)
+    model = create(cfg.backbone).to(ctx.device).eval()
+    spec = input_spec(model, cfg.backbone, data)
+    with_act = "finetune" in cfg.exp.methods and hasattr(model, "split_last_block")
+    key = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "weights": weights_fingerprint(model),
+           "data": data.name}
+    seed = int(cfg.exp.subset_seed)
+    pool_idx = fixed_subset(data.y_train, cfg.exp.pool_per_class, seed)
+    test_idx = fixed_subset(data.y_test, cfg.exp.test_per_class, seed + 1)
+    pool = backbone_features(model, data.x_train, pool_idx, "train", spec, with_act, cfg, ctx, key)
+    test = backbone_features(model, data.x_test, test_idx, "test", spec, with_act, cfg, ctx, key)
+
+    def make_tail():
+        return copy.deepcopy(model).split_last_block()[1]
+
+    return Bank(setting=f"{cfg.backbone.name}->{data.name}", num_classes=data.num_classes,
+                pool_x=pool["feats"], pool_y=data.y_train[pool_idx], pool_ids=pool_idx,
+                test_x=test["feats"], test_y=data.y_test[test_idx], test_ids=len(data.y_train) + test_idx,
+                pool_act=pool.get("act"), test_act=test.get("act"), make_tail=make_tail if with_act else None,
+                info={"img_size": str(spec["size"]), "feature_dim": str(pool["feats"].shape[1])})
+
+
+def within_bank(cfg, ctx) -> Bank:
+    """small_cnn trained on the source classes (fixed seed, cached); features of the target classes."""
+    e = cfg.exp
+    data = load_dataset(e.data_within)
+    cfg_bb = e.backbone_within
+    seed = int(e.subset_seed)
+    src, tgt = list(e.within_source_classes), list(e.within_target_classes)
+    train_idx = fixed_subset(data.y_train, e.within_train_per_class, seed, classes=src)
+    remap = {c: i for i, c in enumerate(src)}
+    y_src = torch.tensor([remap[int(c)] for c in data.y_train[train_idx]])
+    train_cfg = {"epochs": int(e.within_epochs), "batch_size": int(e.within_batch_size), "lr": float(e.within_lr),
+                 "seed": seed}
+    parts = {"kind": "transfer_cnn", "backbone": OmegaConf.to_container(cfg_bb, resolve=True), "data": data.name,
+             "classes": src, "ids": train_idx, "train": train_cfg, "mean_std": data.mean_std}
+
+    def train():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            cnn = create(cfg_bb)
+            head = nn.Linear(cnn.feature_dim, len(src))
+        t0 = time.perf_counter()
+        train_classifier(cnn, head, data.x_train[train_idx], y_src, epochs=train_cfg["epochs"],
+                         batch_size=train_cfg["batch_size"], lr=train_cfg["lr"], device=ctx.device,
+                         mean_std=data.mean_std, generator=torch.Generator().manual_seed(seed),
+                         progress=ctx.progress, desc="within cnn")
+        train_s = time.perf_counter() - t0
+        src_test = fixed_subset(data.y_test, None, seed, classes=src)
+        y_test = torch.tensor([remap[int(c)] for c in data.y_test[src_test]])
+        pred = predict(cnn, head, data.x_test[src_test], batch_size=512, device=ctx.device,
+                       mean_std=data.mean_std, progress=ctx.progress)
+        return {"state": {k: v.cpu() for k, v in cnn.state_dict().items()}, "source_test_acc": accuracy(pred, y_test),
+                "train_s": train_s}
+
+    trained = ctx.cache.get_or_compute(parts, train)
+    cnn = create(cfg_bb)
+    cnn.load_state_dict(trained["state"])
+    cnn.to(ctx.device).eval()
+    spec = {"mean_std": [list(data.mean_std[0]), list(data.mean_std[1])], "channels": None, "size": None}
+    key = {"backbone": parts["backbone"], "weights": module_fingerprint(cnn), "data": data.name}
+    pool_idx = fixed_subset(data.y_train, e.pool_per_class, seed, classes=tgt)
+    test_idx = fixed_subset(data.y_test, e.test_per_class, seed + 1, classes=tgt)
+    pool = backbone_features(cnn, data.x_train, pool_idx, "train", spec, False, cfg, ctx, key)
+    test = backbone_features(cnn, data.x_test, test_idx, "test", spec, False, cfg, ctx, key)
+    tmap = torch.full((int(data.y_train.max()) + 1,), -1, dtype=torch.long)
+    tmap[torch.tensor(tgt)] = torch.arange(len(tgt))
+    name = f"{cfg_bb.name}[{_span(src)}]->{data.name}[{_span(tgt)}]"
+    return Bank(setting=name, num_classes=len(tgt), pool_x=pool["feats"], pool_y=tmap[data.y_train[pool_idx]],
+                pool_ids=pool_idx, test_x=test["feats"], test_y=tmap[data.y_test[test_idx]],
+                test_ids=len(data.y_train) + test_idx,
+                info={"source_test_acc": f"{trained['source_test_acc']:.4f}", "cnn_train_s": f"{trained['train_s']:.1f}"})
+
+
+def _span(classes) -> str:
+    c = sorted(int(x) for x in classes)
+    return f"{c[0]}-{c[-1]}" if c == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
+
+
+# ----------------------------------------------------------------------------- methods
+
+@dataclass
+class Task:
+    """One labelled draw of one setting: what every method sees."""
+
+    n: Any
+    support_ids: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    seed: int
+    act: torch.Tensor | None = None
+    test_act: torch.Tensor | None = None
+    make_tail: Callable[[], nn.Module] | None = None
+
+
+def sk_loo_tune(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid, max_points: int,
+                generator: torch.Generator, chunk: int = 128) -> tuple[dict[str, Any], float]:
+    """Leave-one-out choice of (k, kernel, lengthscale multiple, ridge) on the labelled set alone.
+
+    Each of at most ``max_points`` labelled points is predicted by SK from its nearest neighbours among
+    the *other* labelled points (one search, the point itself removed); the best grid entry wins (ties:
+    the first in grid order). ``x`` is already normalised as SK will see it.
+
+    The local squared distances of the k_max nearest neighbours are computed once (as
+    ``sk.Kernel.local`` computes them); every grid entry then only evaluates its kernel on them and
+    solves its k x k systems (``sk.psd_solve``): the same predictions as ``sk.sparse_krr`` with these
+    neighbours (tested), without recomputing d-dimensional distances 144 times.
+    """
+    n = len(x)
+    q = torch.randperm(n, generator=generator)[:max_points].to(x.device) if n > max_points else torch.arange(n, device=x.device)
+    k_max = min(max(int(k) for k in grid.k), n - 1)
+    with torch.no_grad():
+        _, idx = sk.knn_search(x[q], x, k_max + 1)
+        drop = idx == q[:, None]
+        drop[~drop.any(1), -1] = True  # self beyond the k_max + 1 nearest (duplicates): drop the farthest instead
+        idx = idx[~drop].view(len(q), k_max)
+        d2z, d2xx = [], []
+        for s in range(0, len(q), chunk):
+            diff = x[idx[s:s + chunk]] - x[q[s:s + chunk]].unsqueeze(1)  # (B, k_max, d)
+            dz = (diff * diff).sum(-1)
+            dxx = (dz.unsqueeze(2) + dz.unsqueeze(1) - 2.0 * torch.bmm(diff, diff.transpose(1, 2))).clamp_min(0.0)
+            dxx.diagonal(dim1=1, dim2=2).zero_()
+            d2z.append(dz)
+            d2xx.append(dxx)
+        d2z, d2xx = torch.cat(d2z), torch.cat(d2xx)
+        yg = F.one_hot(y.long(), num_classes).to(x.dtype)[idx]  # (M, k_max, C)
+        y_q = y[q]
+        best, best_acc = None, -1.0
+        for k in sorted(int(k) for k in grid.k):
+            k_eff = min(k, k_max)
+            auto = float(sk.auto_lengthscale(x, k=k_eff))
+            dz, dxx, yk = d2z[:, :k_eff], d2xx[:, :k_eff, :k_eff], yg[:, :k_eff]
+            eye = torch.eye(k_eff, dtype=x.dtype, device=x.device)
+            for kernel in grid.kernel:
+                kern = sk.kernels.kernel_class(str(kernel))
+                if not kern.stationary:
+                    raise ValueError(f"leave-one-out tuning takes distance-based kernels, not {kernel!r}")
+                for mult in grid.lengthscale_mult:
+                    ls = auto * float(mult)
+                    kzx, kxx = kern.k(dz, ls), kern.k(dxx, ls)
+                    for ridge in grid.ridge:
+                        alpha = sk.psd_solve(kxx + float(ridge) * eye, yk)
+                        pred = torch.bmm(kzx.unsqueeze(1), alpha).squeeze(1).argmax(1)
+                        acc = accuracy(pred, y_q)
+                        if acc > best_acc + 1e-12:
+                            best_acc = acc
+                            best = {"k": k_eff, "kernel": str(kernel), "lengthscale": ls, "ridge": float(ridge)}
+    return best, best_acc
+
+
+def run_sk(task: Task, cfg, ctx) -> ProbeResult:
+    cfg_sk = cfg.sk
+    x = task.x.to(ctx.device)
+    t0 = time.perf_counter()
+    if _at_least(task.n, int(cfg.exp.sk_tune_min_shots)):
+        xn = F.normalize(x.float(), dim=1) if bool(cfg_sk.get("normalize", True)) else x.float()
+        chosen, loo_acc = sk_loo_tune(xn, task.y.to(ctx.device), task.num_classes, cfg_sk.grid,
+                                      int(cfg.exp.sk_loo_points), torch.Generator().manual_seed(task.seed))
+        rule = "loo"
+    else:
+        chosen, loo_acc, rule = {"k": int(cfg_sk.k), "kernel": str(cfg_sk.kernel), "lengthscale": cfg_sk.lengthscale,
+                                 "ridge": float(cfg_sk.ridge)}, None, "fixed"
+    tune_s = time.perf_counter() - t0
+    fixed = OmegaConf.merge(cfg_sk, {"tune": False, **chosen})
+    res = sk_probe(x, task.y.to(ctx.device), task.test_x.to(ctx.device), task.test_y.to(ctx.device),
+                   task.num_classes, fixed)
+    res.fit_s += tune_s  # SK fits nothing: the time is the hyperparameter choice
+    res.val_acc = loo_acc
+    res.chosen = {"rule": rule, **res.chosen}
+    return res
+
+
+def run_knn(task: Task, cfg, ctx) -> ProbeResult:
+    return knn_probe(task.x.to(ctx.device), task.y.to(ctx.device), task.test_x.to(ctx.device),
+                     task.test_y.to(ctx.device), task.num_classes, k=int(cfg.exp.knn_k),
+                     temperature=float(cfg.exp.knn_temperature))
+
+
+def run_ncm(task: Task, cfg, ctx) -> ProbeResult:
+    d = ctx.device
+    return ncm_probe(task.x.to(d), task.y.to(d), task.test_x.to(d), task.test_y.to(d), task.num_classes)
+
+
+def run_linear(task: Task, cfg, ctx) -> ProbeResult:
+    e = cfg.exp
+    if _at_least(task.n, int(e.linear_tune_min_shots)):
+        fit, val = stratified_split(task.y, float(e.linear_val_frac), torch.Generator().manual_seed(task.seed))
+        grid, rule = [float(c) for c in e.linear_c_grid], "val"
+    else:  # one C: the split is not used to choose anything
+        fit = val = torch.arange(len(task.y))
+        grid, rule = [float(e.linear_default_C)], "fixed"
+    d = ctx.device
+    res = linear_probe(task.x.to(d), task.y.to(d), task.test_x.to(d), task.test_y.to(d), task.num_classes,
+                       fit.to(d), val.to(d), c_grid=grid, max_iter=int(e.linear_max_iter))
+    res.chosen = {"rule": rule, **res.chosen}
+    if rule == "fixed":
+        res.val_acc = None
+    return res
+
+
+def run_finetune(task: Task, cfg, ctx) -> ProbeResult | None:
+    """Train the last block + head convolution + a new linear classifier on the cached activations."""
+    e = cfg.exp
+    if task.make_tail is None or task.act is None:
+        return None
+    if str(task.n) not in {str(s) for s in e.finetune_shots}:
+        return None
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(task.seed)
+        tail = task.make_tail().to(ctx.device)
+        head = nn.Linear(int(task.x.shape[1]), task.num_classes).to(ctx.device)
+    tail.eval()  # batch-norm statistics stay the pretrained ones (few-shot batches are tiny)
+    params = [p for p in tail.parameters()] + list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    steps, bs = int(e.finetune_steps), min(int(e.finetune_batch_size), len(task.y))
+    opt = torch.optim.Adam(params, lr=float(e.finetune_lr), weight_decay=float(e.finetune_weight_decay))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    g = torch.Generator().manual_seed(task.seed)
+    act, y = task.act.to(ctx.device), task.y.to(ctx.device)
+    for _ in range(steps):
+        idx = torch.randperm(len(y), generator=g)[:bs].to(ctx.device)
+        loss = F.cross_entropy(head(tail(act[idx])), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pred = torch.cat([head(tail(task.test_act[s:s + 512].to(ctx.device))).argmax(1).cpu()
+                          for s in range(0, len(task.test_act), 512)])
+    return ProbeResult("finetune", accuracy(pred, task.test_y), None, fit_s, time.perf_counter() - t0,
+                       {"steps": steps, "lr": float(e.finetune_lr)}, pred)
+
+
+METHODS: dict[str, Callable[[Task, Any, Any], ProbeResult | None]] = {
+    "sk": run_sk, "knn": run_knn, "ncm": run_ncm, "linear": run_linear, "finetune": run_finetune}
+
+
+# ----------------------------------------------------------------------------- harness
+
+def evaluate(bank: Bank, shots: list, methods: list[str], cfg, ctx) -> list[dict]:
+    """Every method on the same labelled draw, for every n; rows of the table."""
+    rows = []
+    draws = draw_labelled(bank.pool_y, shots, ctx.seed)
+    for n, pos in draws.items():
+        support_ids = bank.pool_ids[pos]
+        assert_disjoint(support_ids, bank.test_ids)
+        task = Task(n=n, support_ids=support_ids, x=bank.pool_x[pos], y=bank.pool_y[pos], test_x=bank.test_x,
+                    test_y=bank.test_y, num_classes=bank.num_classes, seed=ctx.seed,
+                    act=bank.pool_act[pos] if bank.pool_act is not None else None, test_act=bank.test_act,
+                    make_tail=bank.make_tail)
+        draw_id = tensor_fingerprint(support_ids)[:12]
+        for name in methods:
+            res = METHODS[name](task, cfg, ctx)
+            if res is None:
+                continue
+            metrics = {"test_acc": res.test_acc, "fit_s": res.fit_s, "predict_s": res.predict_s,
+                       "per_class": len(pos) / bank.num_classes}
+            if res.val_acc is not None:
+                metrics["val_acc"] = res.val_acc
+            rows.append({"keys": {"setting": bank.setting, "shots": n, "method": name}, "metrics": metrics,
+                         "info": {**res.info(), "draw": draw_id, **bank.info}})
+            ctx.log({f"{bank.setting}/{name}/n={n}/test_acc": res.test_acc})
+            print(f"[transfer] {bank.setting} n={n} {name}: {100 * res.test_acc:.2f}% "
+                  f"(fit {res.fit_s:.2f} s, predict {res.predict_s:.2f} s) {res.info().get('chosen', '')}")
+    return rows
+
+
+def _shots(cfg) -> list:
+    return [ALL if str(s) == ALL else int(s) for s in cfg.exp.shots]
+
+
+def run(cfg, ctx) -> dict:
+    unknown = set(cfg.exp.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}: known are {METHOD_ORDER}")
+    methods = [m for m in METHOD_ORDER if m in cfg.exp.methods]
+    shots = _shots(cfg)
+    banks = [pretrained_bank(cfg, ctx)]
+    if cfg.exp.within:
+        banks.append(within_bank(cfg, ctx))
+    rows = []
+    for bank in banks:
+        rows += evaluate(bank, shots, methods if bank.make_tail else [m for m in methods if m != "finetune"], cfg, ctx)
+    summary = {}
+    for r in rows:
+        tag = "within" if r["keys"]["setting"] != banks[0].setting else "transfer"
+        summary[f"{tag}/{r['keys']['method']}/n={r['keys']['shots']}"] = r["metrics"]["test_acc"]
+    return {"rows": rows, "summary": summary}
+
+
+# ----------------------------------------------------------------------------- figure
+
+def make_figure(records: list[dict], path: Path) -> None:
+    """Test accuracy against labelled examples per class, one panel per setting, mean ± std over seeds."""
+    import statistics
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc: dict[tuple, list[float]] = {}
+    xpos: dict[tuple, float] = {}
+    for rec in records:
+        for row in rec["rows"]:
+            k = row["keys"]
+            key = (k["setting"], k["method"], str(k["shots"]))
+            acc.setdefault(key, []).append(100 * row["metrics"]["test_acc"])
+            xpos[key] = row["metrics"].get("per_class", float(k["shots"]) if k["shots"] != ALL else float("nan"))
+    settings = sorted({k[0] for k in acc})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for method in [m for m in METHOD_ORDER if any(k[0] == setting and k[1] == m for k in acc)]:
+            keys = sorted((k for k in acc if k[0] == setting and k[1] == method), key=lambda k: xpos[k])
+            xs = [xpos[k] for k in keys]
+            ys = [statistics.fmean(acc[k]) for k in keys]
+            err = [statistics.stdev(acc[k]) if len(acc[k]) > 1 else 0.0 for k in keys]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method,
+                        linestyle="-" if method in ("sk", "knn", "ncm") else "--")
+        ticks = sorted({(xpos[k], k[2]) for k in acc if k[0] == setting})
+        ax.set_xscale("log")
+        ax.set_xticks([t[0] for t in ticks])
+        ax.set_xticklabels([t[1] if t[1] != ALL else f"all\n({t[0]:.0f})" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled examples per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(setting, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="solid: no training, dashed: trained", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

@@ -1,0 +1,232 @@
+"""sk.sparse_krr / sk.exact_krr against exact KRR, scikit-learn and a per-query reference solve."""
+import pytest
+import torch
+
+import sk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops on a shared 2-core machine: a second OpenMP thread only waits for a busy core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+KERNELS = ["gaussian", "laplacian", "matern32", "matern52", "imq", "linear"]
+
+
+def data(n=60, m=25, d=4, c=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randn(n, c, generator=g, dtype=dtype)
+    z = torch.randn(m, d, generator=g, dtype=dtype)
+    return z, x, y
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def reference_sparse(z, x, y, k, kernel, lengthscale, ridge):
+    """The contract's definition, one evaluation point at a time (torch.linalg.solve)."""
+    kern = sk.KERNELS[kernel]
+    d2 = ((z[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    out = []
+    for m in range(z.shape[0]):
+        idx = torch.sort(d2[m], stable=True).indices[:k]
+        xi = x[idx]
+        kxx = kern.gram(xi, xi, lengthscale, same=True)
+        kzx = kern.gram(z[m:m + 1], xi, lengthscale)
+        alpha = torch.linalg.solve(kxx + ridge * torch.eye(len(idx), dtype=x.dtype), y[idx])
+        out.append((kzx @ alpha)[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_k_at_least_n_equals_exact_krr(kernel):
+    z, x, y = data()
+    for k in (60, 1000):
+        f = sk.sparse_krr(z, x, y, k=k, kernel=kernel, lengthscale=1.3, ridge=1e-2)
+        g = sk.exact_krr(z, x, y, kernel=kernel, lengthscale=1.3, ridge=1e-2)
+        assert rel(f, g) < 1e-8
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_k_below_n_equals_per_query_reference(kernel):
+    z, x, y = data()
+    f = sk.sparse_krr(z, x, y, k=7, kernel=kernel, lengthscale=0.9, ridge=1e-2, chunk_size=4)
+    ref = reference_sparse(z, x, y, 7, kernel, 0.9, 1e-2)
+    assert rel(f, ref) < 1e-10
+
+
+def test_exact_krr_matches_sklearn_string_kernels():
+    # Truly shared string kernels: sklearn's "rbf" is exp(-gamma ||a-b||^2), our gaussian with
+    # gamma = 1/(2 l^2); "linear" is a.b in both. sklearn's "laplacian" is exp(-gamma ||a-b||_1) with
+    # the L1 distance, NOT our (Euclidean) laplacian, so it is not compared here.
+    from sklearn.kernel_ridge import KernelRidge
+    z, x, y = data()
+    ls, lam = 1.3, 1e-2
+    for ours, theirs, params in [("gaussian", "rbf", {"gamma": 1 / (2 * ls ** 2)}), ("linear", "linear", {})]:
+        skl = KernelRidge(alpha=lam, kernel=theirs, **params).fit(x.numpy(), y.numpy())
+        expect = torch.from_numpy(skl.predict(z.numpy()))
+        for f in (sk.exact_krr(z, x, y, kernel=ours, lengthscale=ls, ridge=lam),
+                  sk.sparse_krr(z, x, y, k=10 ** 6, kernel=ours, lengthscale=ls, ridge=lam)):
+            assert rel(f, expect) < 1e-8
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "laplacian", "matern32", "matern52", "imq"])
+def test_exact_krr_matches_sklearn_gp_kernels(kernel):
+    # The stationary kernels through sklearn's GP kernel objects and KernelRidge(kernel="precomputed"):
+    # Matern(nu=0.5) = exp(-r/l) (our Euclidean laplacian), Matern(nu=1.5/2.5), RBF, and
+    # RationalQuadratic(alpha=0.5) = (1 + r^2/l^2)^(-1/2) = our imq.
+    from sklearn.gaussian_process import kernels as gpk
+    from sklearn.kernel_ridge import KernelRidge
+    ls, lam = 1.3, 1e-2
+    gp = {"gaussian": gpk.RBF(ls), "laplacian": gpk.Matern(ls, nu=0.5), "matern32": gpk.Matern(ls, nu=1.5),
+          "matern52": gpk.Matern(ls, nu=2.5), "imq": gpk.RationalQuadratic(ls, alpha=0.5)}[kernel]
+    z, x, y = data()
+    skl = KernelRidge(alpha=lam, kernel="precomputed").fit(gp(x.numpy()), y.numpy())
+    expect = torch.from_numpy(skl.predict(gp(z.numpy(), x.numpy())))
+    assert rel(sk.exact_krr(z, x, y, kernel=kernel, lengthscale=ls, ridge=lam), expect) < 1e-8
+    assert rel(sk.sparse_krr(z, x, y, k=60, kernel=kernel, lengthscale=ls, ridge=lam), expect) < 1e-8
+
+
+def test_shapes_dtypes_and_one_dimensional_targets():
+    z, x, y = data(dtype=torch.float32)
+    f = sk.sparse_krr(z, x, y[:, 0], k=5)
+    assert f.shape == (25,) and f.dtype == torch.float32
+    g = sk.exact_krr(z, x, y[:, 0])
+    assert g.shape == (25,) and g.dtype == torch.float32
+    assert sk.sparse_krr(z[:0], x, y, k=5).shape == (0, 3)
+    f64 = sk.sparse_krr(z.double(), x.double(), y.double(), k=5, lengthscale=0.8)
+    f32 = sk.sparse_krr(z, x, y, k=5, lengthscale=0.8, solve_dtype=torch.float64)
+    assert f32.dtype == torch.float32 and rel(f32.double(), f64) < 1e-5
+
+
+def test_tensor_hyperparameters_and_auto_lengthscale():
+    z, x, y = data()
+    ls = torch.tensor(0.9, dtype=torch.float64)
+    lam = torch.tensor(1e-2, dtype=torch.float64)
+    assert torch.allclose(sk.sparse_krr(z, x, y, k=7, lengthscale=ls, ridge=lam),
+                          sk.sparse_krr(z, x, y, k=7, lengthscale=0.9, ridge=1e-2))
+    auto = sk.auto_lengthscale(x, k=7)
+    assert torch.allclose(sk.sparse_krr(z, x, y, k=7, lengthscale="auto"),
+                          sk.sparse_krr(z, x, y, k=7, lengthscale=auto))
+
+
+def test_precomputed_indices_reuse_one_search():
+    z, x, y = data()
+    _, idx = sk.knn_search(z, x, 16)
+    for k in (3, 8, 16):
+        assert torch.equal(sk.sparse_krr(z, x, y, k=k, indices=idx), sk.sparse_krr(z, x, y, k=k))
+    with pytest.raises(ValueError, match="columns"):
+        sk.sparse_krr(z, x, y, k=17, indices=idx)
+    with pytest.raises(ValueError, match="out of range"):
+        sk.sparse_krr(z, x, y, k=3, indices=idx + 100)
+    with pytest.raises(ValueError, match="shape"):
+        sk.sparse_krr(z, x, y, k=3, indices=idx[:3])
+
+
+def test_duplicated_support_point_with_zero_ridge_is_finite():
+    z, x, y = data(n=20)
+    x = torch.cat([x, x[:5], x[:5]])          # every one of the first five points three times
+    y = torch.cat([y, y[:5], y[:5]])
+    z = torch.cat([z, x[:5]])                  # queries on top of the duplicates
+    for kernel in KERNELS:
+        for dtype in (torch.float64, torch.float32):
+            f = sk.sparse_krr(z.to(dtype), x.to(dtype), y.to(dtype), k=8, kernel=kernel, ridge=0.0)
+            assert torch.isfinite(f).all(), kernel
+            g = sk.exact_krr(z.to(dtype), x.to(dtype), y.to(dtype), kernel=kernel, ridge=0.0)
+            assert torch.isfinite(g).all(), kernel
+
+
+def test_jittered_cholesky_and_clear_error():
+    ones = torch.ones(3, 4, 4, dtype=torch.float64)            # rank one: singular
+    ones[1] += torch.eye(4, dtype=torch.float64)                # this one is fine as it is
+    factor = sk.robust_cholesky(ones)
+    assert torch.isfinite(factor).all()
+    assert torch.allclose(factor[1], torch.linalg.cholesky(ones[1]))
+    with pytest.raises(sk.SingularSystemError, match="singular"):
+        sk.robust_cholesky(-torch.eye(3, dtype=torch.float64))
+
+
+BAD_INPUTS = [
+    (dict(z=float("nan")), "z contains non-finite"),
+    (dict(x=float("inf")), "x contains non-finite"),
+    (dict(y=float("nan")), "y contains non-finite"),
+    (dict(k=0), "k must be"),
+    (dict(z_d=5), "feature size mismatch"),
+    (dict(y_rows=10), "row mismatch"),
+    (dict(empty=True), "empty support"),
+    (dict(ridge=-1e-3), "negative ridge"),
+    (dict(kernel="cauchy"), "unknown kernel"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+@pytest.mark.parametrize("fn", ["sparse", "exact", "layer"])
+def test_bad_inputs_raise_value_error(bad, message, fn):
+    if fn == "exact" and "k" in bad:
+        pytest.skip("exact_krr has no k")
+    z, x, y = data()
+    if "z" in bad:
+        z = z.clone(); z[3, 1] = bad["z"]
+    if "x" in bad:
+        x = x.clone(); x[7, 0] = bad["x"]
+    if "y" in bad:
+        y = y.clone(); y[2, 2] = bad["y"]
+    if "z_d" in bad:
+        z = torch.randn(4, bad["z_d"], dtype=torch.float64)
+    if "y_rows" in bad:
+        y = y[:bad["y_rows"]]
+    if bad.get("empty"):
+        x, y = x[:0], y[:0]
+    k = bad.get("k", 5)
+    kernel = bad.get("kernel", "gaussian")
+    ridge = bad.get("ridge", 1e-3)
+    with pytest.raises(ValueError, match=message):
+        if fn == "sparse":
+            sk.sparse_krr(z, x, y, k=k, kernel=kernel, ridge=ridge)
+        elif fn == "exact":
+            sk.exact_krr(z, x, y, kernel=kernel, ridge=ridge)
+        else:
+            sk.SKLayer(k=k, kernel=kernel, ridge=ridge)(z, x, y)
+
+
+def test_bad_lengthscale_raises():
+    z, x, y = data()
+    for ls in (0.0, -1.0, float("nan"), "median"):
+        with pytest.raises(ValueError, match="lengthscale"):
+            sk.sparse_krr(z, x, y, k=5, lengthscale=ls)
+
+
+def test_chunking_does_not_change_the_result():
+    z, x, y = data(m=40)
+    full = sk.sparse_krr(z, x, y, k=9, kernel="matern32")
+    for chunk in (1, 7, 40, 1000):
+        assert torch.allclose(sk.sparse_krr(z, x, y, k=9, kernel="matern32", chunk_size=chunk), full, atol=1e-12)
+        assert torch.allclose(sk.exact_krr(z, x, y, kernel="matern32", chunk_size=chunk),
+                              sk.exact_krr(z, x, y, kernel="matern32"), atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_matches_cpu(kernel):
+    z, x, y = data()
+    cpu = sk.sparse_krr(z, x, y, k=7, kernel=kernel)
+    gpu = sk.sparse_krr(z.cuda(), x.cuda(), y.cuda(), k=7, kernel=kernel)
+    assert gpu.device.type == "cuda" and rel(gpu.cpu(), cpu) < 1e-8
+    assert rel(sk.exact_krr(z.cuda(), x.cuda(), y.cuda(), kernel=kernel).cpu(), sk.exact_krr(z, x, y, kernel=kernel)) < 1e-8
+
+
+def test_serial_lapack_restores_the_thread_count():
+    z, x, y = data()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        f = sk.sparse_krr(z, x, y, k=7)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(f, sk.sparse_krr(z, x, y, k=7), atol=1e-12)

@@ -1,0 +1,189 @@
+"""vit_probe: timm weights from a local file, per-block features, one split for all probes, the record."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import experiments.vit_probe as vp
+from experiments.backbones import create
+from experiments.backbones.vit import block_hooks
+from experiments.core import probes
+from experiments.core.runner import apply_profile, run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny offline setting: digits (8x8, resized to 28), a 2-block ViT, one pretraining epoch, short probes.
+TINY_GROUPS = ["logger=none", "data=digits", "backbone.depth=2", "backbone.embed_dim=32", "backbone.num_heads=2"]
+TINY_EXP = {"pretrain.epochs": 1, "pretrain.per_class": None, "probe_labelled": 150, "probe_test": 100,
+            "linear_c_grid": [0.1, 10.0], "linear_max_iter": 20,
+            "sk_grid": {"k": [5, 10], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}}
+TINY_CLI = TINY_GROUPS + [
+    "exp.pretrain.epochs=1", "exp.pretrain.per_class=null", "exp.probe_labelled=150", "exp.probe_test=100",
+    "exp.linear_c_grid=[0.1,10.0]", "exp.linear_max_iter=20",
+    "exp.sk_grid={k:[5,10],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1.0e-3]}"]
+
+
+def tiny_cfg(tmp_path, *extra):
+    """The composed config with the quick profile merged, then TINY_EXP on top (as the command line would)."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "+exp=vit_probe", f"paths.root={ROOT}", f"paths.results={tmp_path}/results",
+            f"paths.cache={tmp_path}/cache", *TINY_GROUPS, *extra])
+    apply_profile(cfg)
+    for key, value in TINY_EXP.items():
+        OmegaConf.update(cfg, f"exp.{key}", value, merge=False)
+    return cfg
+
+
+def records(tmp_path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs" / "vit_probe").glob("**/*.json"))]
+
+
+def test_timm_backbone_reads_weights_from_a_local_checkpoint(tmp_path, monkeypatch):
+    import timm
+    import timm.models._builder as builder
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to fetch weights from the network")
+
+    monkeypatch.setattr(builder, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", no_network)
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=2)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+
+    cfg = OmegaConf.create({"name": "timm", "model": "vit_tiny_patch16_224", "pretrained": True,
+                            "checkpoint_path": str(path), "img_size": 32})
+    torch.manual_seed(2)  # a different random init, which the checkpoint must overwrite
+    backbone = create(cfg, depth=2)
+    loaded, expected = backbone.model.state_dict(), source.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    random_init = create(OmegaConf.create({**cfg, "pretrained": False, "checkpoint_path": None}), depth=2)
+    assert not torch.equal(random_init.model.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    # preprocessing follows the model: its own input size, RGB, the checkpoint's normalisation
+    assert (backbone.img_size, backbone.in_chans) == (32, 3)
+    assert backbone.mean_std == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert backbone.depth == 2 and backbone.has_cls and backbone.num_prefix_tokens == 1
+
+
+def test_block_hooks_give_one_tensor_per_block():
+    cfg = OmegaConf.create({"name": "vit_tiny28", "img_size": 28, "patch_size": 7, "in_chans": 1,
+                            "embed_dim": 32, "depth": 3, "num_heads": 2})
+    torch.manual_seed(0)
+    backbone = create(cfg).eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        tokens = backbone.block_tokens(x)
+        feats = backbone.probe_features(x)
+        final = backbone.model.forward_features(x)
+    assert len(tokens) == 3 and all(t.shape == (5, 1 + 16, 32) for t in tokens)
+    assert not torch.allclose(tokens[0], tokens[1])
+    # the last block's output is what timm's final norm sees
+    assert torch.allclose(backbone.model.norm(tokens[-1]), final, atol=1e-5)
+    assert feats["cls"].shape == feats["mean"].shape == (5, 3, 32)
+    for i, t in enumerate(tokens):
+        assert torch.equal(feats["cls"][:, i], t[:, 0])
+        assert torch.allclose(feats["mean"][:, i], t[:, 1:].mean(1))
+    assert all(len(b._forward_hooks) == 0 for b in backbone.model.blocks)  # hooks are removed
+    with pytest.raises(ValueError, match="blocks"):
+        with block_hooks(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_each_probe_reaches_100_percent_on_separable_data():
+    g = torch.Generator().manual_seed(0)
+    centers = 10.0 * torch.eye(4, 16)
+    y = torch.arange(4).repeat_interleave(30)
+    x = centers[y] + 0.5 * torch.randn(len(y), 16, generator=g)
+    lab = torch.arange(len(y)) % 3 != 0
+    fit_idx, val_idx = probes.split_fit_val(int(lab.sum()), 0.25, g)
+    exp = OmegaConf.create({"linear_c_grid": [0.01, 1.0, 100.0], "linear_max_iter": 50, "knn_k": 5,
+                            "knn_temperature": 0.07})
+    cfg_sk = OmegaConf.create({"tune": True, "normalize": True, "backend": "torch",
+                               "grid": {"k": [4, 8], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}})
+    results = vp.run_probes(x[lab], y[lab], x[~lab], y[~lab], 4, fit_idx, val_idx, cfg_sk, exp)
+    assert [r.name for r in results] == ["linear", "knn", "sk"]
+    assert all(r.test_acc == 1.0 for r in results), [(r.name, r.test_acc) for r in results]
+
+
+def test_probe_sets_are_disjoint_and_drawn_by_the_seed():
+    a = vp.draw_probe_sets("test", 1000, 300, 100, 120, torch.Generator().manual_seed(0))
+    b = vp.draw_probe_sets("test", 1000, 300, 100, 120, torch.Generator().manual_seed(0))
+    c = vp.draw_probe_sets("test", 1000, 300, 100, 120, torch.Generator().manual_seed(1))
+    lab, tst = a
+    assert (len(lab), len(tst)) == (100, 120) and not set(lab.tolist()) & set(tst.tolist())
+    assert max(lab.max(), tst.max()) < 300  # both from the held-out split
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and not torch.equal(a[0], c[0])
+    with pytest.raises(ValueError, match="exceeds"):
+        vp.draw_probe_sets("test", 1000, 300, 200, 120, torch.Generator().manual_seed(0))
+
+
+def test_all_probes_get_the_same_split_and_features_and_the_seed_leaves_pretraining_alone(tmp_path, monkeypatch):
+    calls: list[tuple[str, dict]] = []
+
+    def recorder(name, real):
+        def probe(train_x, train_y, test_x, test_y, num_classes, *args, **kwargs):
+            seen = {"train_x": train_x.clone(), "train_y": train_y.clone(), "test_x": test_x.clone(),
+                    "test_y": test_y.clone()}
+            if name in ("linear", "sk"):
+                fit, val = (args[1], args[2]) if name == "sk" else (args[0], args[1])
+                seen.update(fit_idx=fit.clone(), val_idx=val.clone())
+            calls.append((name, seen))
+            return real(train_x, train_y, test_x, test_y, num_classes, *args, **kwargs)
+        return probe
+
+    monkeypatch.setattr(vp, "linear_probe", recorder("linear", probes.linear_probe))
+    monkeypatch.setattr(vp, "knn_probe", recorder("knn", probes.knn_probe))
+    monkeypatch.setattr(vp, "sk_probe", recorder("sk", probes.sk_probe))
+    for seed in (0, 1):
+        run_experiment(tiny_cfg(tmp_path, f"seed={seed}"))
+
+    jobs = 2 * 2  # blocks x tokens
+    assert len(calls) == 2 * jobs * 4  # seeds x jobs x (linear, knn, sk, knn on the validation split)
+    per_seed = [calls[:jobs * 4], calls[jobs * 4:]]
+    for seed_calls in per_seed:
+        for j in range(jobs):
+            (n1, lin), (n2, knn), (n3, skp), (n4, knn_val) = seed_calls[4 * j: 4 * j + 4]
+            assert (n1, n2, n3, n4) == ("linear", "knn", "sk", "knn")
+            for key in ("train_x", "train_y", "test_x", "test_y"):
+                assert torch.equal(lin[key], knn[key]) and torch.equal(lin[key], skp[key]), key
+            assert torch.equal(lin["fit_idx"], skp["fit_idx"]) and torch.equal(lin["val_idx"], skp["val_idx"])
+            assert torch.equal(knn_val["train_x"], lin["train_x"][lin["fit_idx"]])
+            assert torch.equal(knn_val["test_x"], lin["train_x"][lin["val_idx"]])
+            assert lin["train_x"].shape == (150, 32) and lin["test_x"].shape == (100, 32)
+            # one split per seed, shared by every (block, token)
+            assert torch.equal(lin["fit_idx"], seed_calls[0][1]["fit_idx"])
+            assert torch.equal(lin["train_y"], seed_calls[0][1]["train_y"])
+        assert not torch.equal(seed_calls[0][1]["train_x"], seed_calls[8][1]["train_x"])  # block 1 vs block 2
+    # the seed redraws the probe data ...
+    assert not torch.equal(per_seed[0][0][1]["train_y"], per_seed[1][0][1]["train_y"])
+    # ... but not the pretraining: one cached checkpoint and one feature entry serve both seeds
+    assert len(list((tmp_path / "cache" / "vit_tiny28_pretrain").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache" / "vit_probe_features").glob("*.pt"))) == 1
+
+    recs = records(tmp_path)
+    assert sorted(r["seed"] for r in recs) == [0, 1]
+    for rec in recs:
+        keys = {(r["keys"]["block"], r["keys"]["token"], r["keys"]["probe"]) for r in rec["rows"]}
+        assert keys == {(b, t, p) for b in (1, 2) for t in ("cls", "mean") for p in ("linear", "knn", "sk")}
+        for row in rec["rows"]:
+            assert {"test_acc", "fit_s", "predict_s", "val_acc"} <= set(row["metrics"])
+            assert 0.0 <= row["metrics"]["test_acc"] <= 1.0 and row["info"]["chosen"]
+        assert rec["summary"]["probe_split"] == "test" and rec["summary"]["n_labelled"] == 150
+    png = tmp_path / "vit_probe.png"
+    vp.make_figure(recs, png)
+    assert png.stat().st_size > 1000
+
+
+def test_cli_run_writes_a_record(cli, tmp_path):
+    cli("+exp=vit_probe", *TINY_CLI, "exp.tokens=[mean]", "exp.blocks=[2]")
+    (rec,) = records(tmp_path)
+    assert rec["experiment"] == "vit_probe" and rec["profile"] == "quick"
+    assert {r["keys"]["probe"] for r in rec["rows"]} == {"linear", "knn", "sk"}
+    assert {(r["keys"]["block"], r["keys"]["token"]) for r in rec["rows"]} == {(2, "mean")}
+    assert rec["curves"]["sk-mean"]["x"] == [2]
