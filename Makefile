@@ -10,6 +10,7 @@ RUN := $(PY) experiments/run.py
 LOCK := flock /tmp/sk_cpu.lock
 SEEDS3 := 0,1,2
 SEEDS5 := 0,1,2,3,4
+SEEDS10 := 0,1,2,3,4,5,6,7,8,9
 
 .PHONY: setup data demo test test-slow test-cuda bench-sk tables table-cnn-readout table-vit-probe \
         table-transfer table-ddqn table-smoke paper-tables clean help
@@ -47,8 +48,11 @@ table-smoke: setup
 	$(RUN) -m +exp=smoke logger=none seed=$(SEEDS3)
 	$(PY) scripts/make_tables.py smoke
 
+JOBLIB2 := hydra/launcher=joblib hydra.launcher.n_jobs=2
+DDQN_ENVS := exp.env=cartpole,acrobot,lunarlander,breakout
+
 table-cnn-readout: setup ## CNN readout table (quick profile; PROFILE=paper for the paper's)
-	$(LOCK) $(RUN) -m +exp=cnn_readout profile=$(PROFILE) seed=$(if $(filter paper,$(PROFILE)),$(SEEDS5),$(SEEDS3))
+	$(LOCK) $(RUN) -m +exp=cnn_readout profile=$(PROFILE) seed=$(if $(filter paper,$(PROFILE)),$(SEEDS5),$(SEEDS3)) $(JOBLIB2)
 	$(PY) scripts/make_tables.py cnn_readout
 
 table-vit-probe: setup ## ViT probing table
@@ -60,7 +64,8 @@ table-transfer: setup ## training-free transfer table
 	$(PY) scripts/make_tables.py transfer
 
 table-ddqn: setup ## kernel-augmented Double DQN table
-	$(LOCK) $(RUN) -m +exp=ddqn profile=$(PROFILE) seed=$(SEEDS5)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=$(PROFILE) exp.agent=ddqn,sk $(if $(filter paper,$(PROFILE)),$(DDQN_ENVS)) \
+	  seed=$(if $(filter paper,$(PROFILE)),$(SEEDS10),$(SEEDS5)) $(JOBLIB2)
 	$(PY) scripts/make_tables.py ddqn
 
 paper-tables: ## every table at paper scale (GPU recommended)

@@ -31,14 +31,28 @@ from experiments.core.records import describe_machine, load_records  # noqa: E40
 
 
 def select_latest(records: list[dict]) -> tuple[dict[str, list[dict]], dict[str, int]]:
-    """profile -> records of its newest config_id; profile -> number of older records left out."""
+    """profile -> records to aggregate; profile -> number of superseded records left out.
+
+    A configuration (``config_id``) is superseded when a newer configuration of the same profile
+    produces any of the same table rows: its numbers are out of date. Configurations whose rows differ
+    (for example the two agents of a comparison, run as separate jobs) are kept side by side.
+    """
     by_profile: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_profile[r.get("profile", "default")].append(r)
     chosen, ignored = {}, {}
     for profile, recs in by_profile.items():
-        newest = max(recs, key=lambda r: r.get("started_utc", ""))["config_id"]
-        chosen[profile] = [r for r in recs if r["config_id"] == newest]
+        newest: dict[str, str] = {}
+        row_keys: dict[str, set] = defaultdict(set)
+        for r in recs:
+            cid = r["config_id"]
+            newest[cid] = max(newest.get(cid, ""), r.get("started_utc", ""))
+            row_keys[cid] |= {tuple(sorted((k, str(v)) for k, v in row["keys"].items())) for row in r["rows"]}
+        kept: list[str] = []
+        for cid in sorted(newest, key=newest.get, reverse=True):
+            if not any(row_keys[cid] & row_keys[k] for k in kept):
+                kept.append(cid)
+        chosen[profile] = [r for r in recs if r["config_id"] in kept]
         ignored[profile] = len(recs) - len(chosen[profile])
     order = ["quick", "paper"]
     chosen = dict(sorted(chosen.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 9, kv[0])))
@@ -139,13 +153,14 @@ def provenance(name: str, recs: list[dict], ignored: int) -> list[str]:
     commits = sorted({r.get("git_commit", "unknown")[:12] for r in recs})
     dates = sorted(r.get("started_utc", "") for r in recs)
     total = sum(r.get("duration_s", 0.0) for r in recs)
-    lines = [f"- Runs: {len(recs)} (seeds {', '.join(map(str, seeds))}), config `{recs[0]['config_id']}`, "
+    configs = ", ".join(f"`{c}`" for c in sorted({r["config_id"] for r in recs}))
+    lines = [f"- Runs: {len(recs)} (seeds {', '.join(map(str, seeds))}), config {configs}, "
              f"{dates[0]} to {dates[-1]} UTC, {total / 60:.1f} min of run time in all"]
     lines += [f"- Command (one run per seed): `{c}`" for c in commands]
     lines += [f"- Machine: {m}" for m in machines]
     lines.append(f"- Code: git {', '.join(commits)}")
     if ignored:
-        lines.append(f"- {ignored} older record(s) of other configurations in this profile were left out")
+        lines.append(f"- {ignored} older record(s) superseded by a newer configuration of the same rows were left out")
     return lines
 
 
@@ -170,7 +185,6 @@ def build(name: str, runs_dir: Path, out_dir: Path) -> list[Path] | None:
     for profile, recs in chosen.items():
         used += recs
         key_cols, metrics, infos, rows = aggregate(recs)
-        rows.sort(key=lambda r: tuple(_key(r["keys"][k]) for k in key_cols))
         header = key_cols + [header_name(m) for m in metrics] + ["n"] + infos
         body = [[_show(r["keys"][k]) for k in key_cols] + [fmt_stat(m, r["stats"].get(m)) for m in metrics]
                 + [r["n"]] + [r["info"].get(i, "") for i in infos] for r in rows]

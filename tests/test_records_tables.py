@@ -52,6 +52,10 @@ def test_tables_give_right_means_stds_and_counts(tmp_path):
         atomic_write_json(runs / "demo" / "quick" / f"r{seed}.json", _record(seed, a, b, f"2026-01-0{seed + 1}"))
     # an older configuration of the same profile must not be averaged in
     atomic_write_json(runs / "demo" / "quick" / "old.json", _record(9, 0.0, 0.0, "2025-01-01", cid="old"))
+    # a configuration with other rows (another agent run as its own job) is kept beside the newest
+    other = _record(0, 0.7, 0.7, "2025-06-01", cid="agent2")
+    other["rows"] = [{"keys": {"probe": "mlp"}, "metrics": {"test_acc": 0.7}}]
+    atomic_write_json(runs / "demo" / "quick" / "other.json", other)
     written = make_tables.build("demo", runs, tmp_path / "out")
     assert {p.suffix for p in written} == {".md", ".csv", ".tex"}
     rows = {r["probe"]: r for r in csv.DictReader(open(tmp_path / "out" / "demo.csv"))}
@@ -59,9 +63,11 @@ def test_tables_give_right_means_stds_and_counts(tmp_path):
     assert float(rows["sk"]["test_acc_std"]) == pytest.approx(0.1)
     assert rows["sk"]["n_seeds"] == "3" and rows["sk"]["chosen"] == "k=8"
     assert float(rows["knn"]["test_acc_mean"]) == pytest.approx(0.6)
+    assert float(rows["mlp"]["test_acc_mean"]) == pytest.approx(0.7) and rows["mlp"]["n_seeds"] == "1"
+    assert list(rows).index("sk") < list(rows).index("knn")  # rows keep the experiment's order
     md = (tmp_path / "out" / "demo.md").read_text()
     assert "90.00 ± 10.00" in md and "Test CPU" in md and "+exp=demo" in md
-    assert "1 older record(s)" in md
+    assert "1 older record(s) superseded" in md
     tex = (tmp_path / "out" / "demo.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex
 
