@@ -150,7 +150,7 @@ def provenance(name: str, recs: list[dict], ignored: int) -> list[str]:
     seeds = sorted({r.get("seed") for r in recs})
     commands = sorted({_strip_seed(r.get("command", "")) for r in recs})
     machines = sorted({describe_machine(r.get("machine", {})) for r in recs})
-    commits = sorted({r.get("git_commit", "unknown")[:12] for r in recs})
+    commits = sorted({_short_commit(r.get("git_commit", "unknown")) for r in recs})
     dates = sorted(r.get("started_utc", "") for r in recs)
     total = sum(r.get("duration_s", 0.0) for r in recs)
     configs = ", ".join(f"`{c}`" for c in sorted({r["config_id"] for r in recs}))
@@ -162,6 +162,11 @@ def provenance(name: str, recs: list[dict], ignored: int) -> list[str]:
     if ignored:
         lines.append(f"- {ignored} older record(s) superseded by a newer configuration of the same rows were left out")
     return lines
+
+
+def _short_commit(commit: str) -> str:
+    """First 12 hex digits, keeping the mark of uncommitted changes."""
+    return commit[:12] + (" (with uncommitted changes)" if commit.endswith("-dirty") else "")
 
 
 def _strip_seed(command: str) -> str:
