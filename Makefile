@@ -13,7 +13,7 @@ SEEDS5 := 0,1,2,3,4
 SEEDS10 := 0,1,2,3,4,5,6,7,8,9
 
 .PHONY: setup data demo test test-slow test-cuda bench-sk tables table-cnn-readout table-vit-probe \
-        table-transfer table-ddqn table-smoke paper-tables clean help
+        table-transfer table-ddqn table-ddqn-ablation table-smoke paper-tables clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile; grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:/'
@@ -44,6 +44,12 @@ bench-sk: setup ## SK benchmark -> results/bench_sk.md
 tables: setup ## rebuild every table that has records (no runs)
 	$(PY) scripts/make_tables.py
 
+table-ddqn-ablation: setup ## DDQN ablation of the SK component (targets, support size, k)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk exp.sk_targets=fixed,learned seed=$(SEEDS5) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk exp.support_size=64,1024 seed=$(SEEDS5) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk exp.sk_k=8,32 seed=$(SEEDS5) $(JOBLIB2)
+	$(PY) scripts/make_tables.py ddqn
+
 table-smoke: setup
 	$(RUN) -m +exp=smoke logger=none seed=$(SEEDS3)
 	$(PY) scripts/make_tables.py smoke
@@ -64,7 +70,7 @@ table-transfer: setup ## training-free transfer table
 	$(PY) scripts/make_tables.py transfer
 
 table-ddqn: setup ## kernel-augmented Double DQN table
-	$(LOCK) $(RUN) -m +exp=ddqn profile=$(PROFILE) exp.agent=ddqn,sk $(if $(filter paper,$(PROFILE)),$(DDQN_ENVS)) \
+	$(LOCK) $(RUN) -m +exp=ddqn profile=$(PROFILE) exp.agent=sk,ddqn $(if $(filter paper,$(PROFILE)),$(DDQN_ENVS)) \
 	  seed=$(if $(filter paper,$(PROFILE)),$(SEEDS10),$(SEEDS5)) $(JOBLIB2)
 	$(PY) scripts/make_tables.py ddqn
 
