@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.core.records import describe_machine, load_records  # noqa: E402
+from experiments.core.records import config_id, describe_machine, load_records  # noqa: E402
 
 
 def select_latest(records: list[dict]) -> tuple[dict[str, list[dict]], dict[str, int]]:
@@ -52,7 +52,13 @@ def select_latest(records: list[dict]) -> tuple[dict[str, list[dict]], dict[str,
         for cid in sorted(newest, key=newest.get, reverse=True):
             if not any(row_keys[cid] & row_keys[k] for k in kept):
                 kept.append(cid)
-        chosen[profile] = [r for r in recs if r["config_id"] in kept]
+        # a rerun of the same configuration and seed replaces the older record
+        latest: dict[tuple, dict] = {}
+        for r in recs:
+            key = (r["config_id"], r.get("seed"))
+            if r["config_id"] in kept and (key not in latest or r.get("started_utc", "") > latest[key].get("started_utc", "")):
+                latest[key] = r
+        chosen[profile] = sorted(latest.values(), key=lambda r: (r.get("started_utc", ""), r.get("_path", "")))
         ignored[profile] = len(recs) - len(chosen[profile])
     order = ["quick", "paper"]
     chosen = dict(sorted(chosen.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 9, kv[0])))
@@ -160,7 +166,7 @@ def provenance(name: str, recs: list[dict], ignored: int) -> list[str]:
     lines += [f"- Machine: {m}" for m in machines]
     lines.append(f"- Code: git {', '.join(commits)}")
     if ignored:
-        lines.append(f"- {ignored} older record(s) superseded by a newer configuration of the same rows were left out")
+        lines.append(f"- {ignored} older record(s) left out: superseded by a newer configuration of the same rows, or by a rerun of the same seed")
     return lines
 
 
@@ -175,6 +181,9 @@ def _strip_seed(command: str) -> str:
 
 def build(name: str, runs_dir: Path, out_dir: Path) -> list[Path] | None:
     records = load_records(runs_dir, name)
+    for r in records:  # recomputed, so that records from other clones or machines compare by settings
+        if r.get("config"):
+            r["config_id"] = config_id(r["config"])
     if not records:
         print(f"{name}: no records under {runs_dir / name}, nothing to build")
         return None

@@ -36,6 +36,8 @@ def test_config_id_ignores_seed_and_paths_but_not_settings():
     base = {"seed": 0, "paths": {"root": "/a"}, "sk": {"k": 8}, "exp": {"name": "e"}}
     assert config_id(base) == config_id({**base, "seed": 5, "paths": {"root": "/b"}})
     assert config_id(base) != config_id({**base, "sk": {"k": 16}})
+    moved = {**base, "data": {"name": "fm", "root": "/elsewhere"}}
+    assert config_id(moved) == config_id({**base, "data": {"name": "fm", "root": "/here"}})
 
 
 def _record(seed, acc_sk, acc_knn, started, cid="c1", profile="quick"):
@@ -52,6 +54,8 @@ def test_tables_give_right_means_stds_and_counts(tmp_path):
         atomic_write_json(runs / "demo" / "quick" / f"r{seed}.json", _record(seed, a, b, f"2026-01-0{seed + 1}"))
     # an older configuration of the same profile must not be averaged in
     atomic_write_json(runs / "demo" / "quick" / "old.json", _record(9, 0.0, 0.0, "2025-01-01", cid="old"))
+    # a rerun of seed 0 with the same configuration replaces the first run of seed 0
+    atomic_write_json(runs / "demo" / "quick" / "r0_old.json", _record(0, 0.1, 0.1, "2025-12-31"))
     # a configuration with other rows (another agent run as its own job) is kept beside the newest
     other = _record(0, 0.7, 0.7, "2025-06-01", cid="agent2")
     other["rows"] = [{"keys": {"probe": "mlp"}, "metrics": {"test_acc": 0.7}}]
@@ -67,7 +71,7 @@ def test_tables_give_right_means_stds_and_counts(tmp_path):
     assert list(rows).index("sk") < list(rows).index("knn")  # rows keep the experiment's order
     md = (tmp_path / "out" / "demo.md").read_text()
     assert "90.00 ± 10.00" in md and "Test CPU" in md and "+exp=demo" in md
-    assert "1 older record(s) superseded" in md
+    assert "2 older record(s) left out" in md
     tex = (tmp_path / "out" / "demo.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex
 

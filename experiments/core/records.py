@@ -87,11 +87,18 @@ def describe_machine(m: dict[str, Any]) -> str:
 
 
 def config_id(config: dict[str, Any]) -> str:
-    """Hash of a run's configuration without what does not change its result (seed, paths, logging)."""
+    """Hash of a run's configuration without what does not change its result: the seed, where the
+    repository, data and outputs live (absolute paths differ between clones and machines), logging."""
     ignore = {"seed", "paths", "logger", "hydra", "device", "threads"}
-    kept = {k: v for k, v in config.items() if k not in ignore}
+    kept = {k: _without_locations(v) for k, v in config.items() if k not in ignore}
     blob = json.dumps(kept, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _without_locations(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_locations(v) for k, v in node.items() if k not in {"root", "dir", "download"}}
+    return node
 
 
 def load_records(runs_dir: Path, experiment: str) -> list[dict[str, Any]]:
