@@ -189,8 +189,8 @@ def to_float(x: torch.Tensor, mean_std: tuple | None = None, channels: int | Non
     """uint8 (N, C, H, W) -> float in [0, 1], optionally normalised, channel-replicated and resized."""
     out = x.float().div_(255.0)
     if mean_std is not None:
-        mean = torch.tensor(mean_std[0]).view(1, -1, 1, 1)
-        std = torch.tensor(mean_std[1]).view(1, -1, 1, 1)
+        mean = torch.as_tensor(mean_std[0], dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(mean_std[1], dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
         out = (out - mean) / std
     if channels is not None and out.shape[1] != channels:
         if out.shape[1] != 1:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from experiments.core.data import to_float
 from experiments.core.progress import progress as default_progress
 
 Progress = Callable[..., Iterable]
@@ -54,18 +55,7 @@ def to_input(x: Tensor, device: torch.device | str, mean_std=None, channels: int
     """
     if x.is_floating_point():
         return x.to(device, non_blocking=True)
-    out = x.to(device, non_blocking=True).float().div_(255.0)
-    if mean_std is not None:
-        mean = torch.as_tensor(mean_std[0], dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(mean_std[1], dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
-        out = (out - mean) / std
-    if channels is not None and out.shape[1] != channels:
-        if out.shape[1] != 1:
-            raise ValueError(f"cannot turn {out.shape[1]} channels into {channels}")
-        out = out.expand(-1, channels, -1, -1)
-    if size is not None and out.shape[-1] != size:
-        out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False)
-    return out
+    return to_float(x.to(device, non_blocking=True), mean_std, channels=channels, size=size)
 
 
 def crop_flip(pad: int = 4, flip: bool = True) -> Callable[[Tensor, torch.Generator | None], Tensor]:
