@@ -41,12 +41,12 @@ import sk  # noqa: E402
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 FULL = dict(
-    ratio=dict(M=4000, N=20000, d=256, k=32, classes=10, repeats=5),
+    ratio=dict(M=4000, N=20000, d=256, k=32, classes=10, repeats=7),
     matmul=dict(n=2048, repeats=3),
-    scaling=dict(Ns=[5000, 10000, 20000], M=2000, d=8, k=32, lengthscale=0.5, ridge=1e-2, repeats=3,
+    scaling=dict(Ns=[5000, 10000, 20000], M=2000, d=8, k=32, lengthscale=0.5, ridge=1e-2, repeats=5,
                  sklearn_max_n=20000),
     memory=dict(M=50000, N=100000, d=64, k=16, classes=10),
-    fashion=dict(n_val=5000, n_support=None, n_test=None, ks=[8, 16, 32, 64], mults=[0.5, 1.0, 2.0],
+    fashion=dict(n_val=5000, n_support=None, n_test=None, ks=[8, 16, 32, 64, 128], mults=[0.5, 1.0, 2.0],
                  ridges=[1e-3, 1e-1], kernels=["gaussian", "laplacian"], exact_select_n=5000,
                  exact_n=20000, exact_mults=[0.5, 1.0, 2.0, 4.0], exact_ridges=[1e-3, 1e-1]),
 )
@@ -119,7 +119,8 @@ def proc_status_kib(field: str) -> int:
 
 
 # -- 1 and 2: SK versus the k-NN vote; search FLOP rate ---------------------------------------------------
-def bench_ratio(cfg: dict, mm_cfg: dict) -> dict:
+def bench_ratio(cfg: dict, mm_cfg: dict, thread_counts: list[int]) -> dict:
+    """SK, the k-NN vote and their parts, once per thread count (the machine's, and one thread)."""
     g = torch.Generator().manual_seed(0)
     m, n, d, k = cfg["M"], cfg["N"], cfg["d"], cfg["k"]
     x = torch.randn(n, d, generator=g)
@@ -141,23 +142,30 @@ def bench_ratio(cfg: dict, mm_cfg: dict) -> dict:
         "sk_local_float64": lambda: sk.sparse_krr(z, x, y, k=k, kernel="gaussian", lengthscale=ls, ridge=1e-3,
                                                   indices=idx, solve_dtype=torch.float64),
     }
-    med, raw = interleaved_medians(fns, cfg["repeats"])
-
-    # Matmul rates: a square sgemm (the machine's rate) and the search's own (chunk, d) x (d, N) shape.
     a = torch.randn(mm_cfg["n"], mm_cfg["n"])
-    square, _ = interleaved_medians({"mm": lambda: a @ a}, mm_cfg["repeats"])
     chunk = sk.knn.default_chunk_size(m, n)
     zc = torch.randn(chunk, d)
     blocks = -(-m // chunk)
-    shaped, _ = interleaved_medians({"mm": lambda: [zc @ x.t() for _ in range(blocks)]}, mm_cfg["repeats"])
-    return {
-        "config": cfg, "lengthscale": ls, "median_s": med, "all_s": raw,
-        "ratio": med["sk"] / med["knn_vote"],
-        "search_gflops": 2 * m * n * d / med["search"] / 1e9,
-        "square_mm_gflops": 2 * mm_cfg["n"] ** 3 / square["mm"] / 1e9,
-        "search_shape_mm_gflops": 2 * blocks * chunk * n * d / shaped["mm"] / 1e9,
-        "chunk": chunk, "mm_n": mm_cfg["n"],
-    }
+    runs = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            med, raw = interleaved_medians(fns, cfg["repeats"])
+            # Matmul rates: a square sgemm (the machine's rate) and the search's (chunk, d) x (d, N) shape.
+            square, _ = interleaved_medians({"mm": lambda: a @ a}, mm_cfg["repeats"])
+            shaped, _ = interleaved_medians({"mm": lambda: [zc @ x.t() for _ in range(blocks)]}, mm_cfg["repeats"])
+            runs[threads] = {
+                "median_s": med, "all_s": raw, "ratio": med["sk"] / med["knn_vote"],
+                "search_gflops": 2 * m * n * d / med["search"] / 1e9,
+                "square_mm_gflops": 2 * mm_cfg["n"] ** 3 / square["mm"] / 1e9,
+                "search_shape_mm_gflops": 2 * blocks * chunk * n * d / shaped["mm"] / 1e9,
+            }
+            log(f"{threads} thread(s): SK / k-NN vote = {runs[threads]['ratio']:.3f}")
+    finally:
+        torch.set_num_threads(before)
+    return {"config": cfg, "lengthscale": ls, "runs": runs, "chunk": chunk, "mm_n": mm_cfg["n"],
+            "threads": thread_counts[0]}
 
 
 # -- 3: scaling against exact KRR and scikit-learn --------------------------------------------------------
@@ -345,7 +353,7 @@ def bench_fashion(cfg: dict) -> dict:
 
 # -- report ---------------------------------------------------------------------------------------------
 def fmt_s(sec: float) -> str:
-    return f"{sec:.3f}" if sec < 10 else f"{sec:.1f}"
+    return f"{sec:.4f}" if sec < 0.1 else f"{sec:.3f}" if sec < 10 else f"{sec:.1f}"
 
 
 def report(command: str, info: dict, load: tuple, results: dict, quick: bool, total_s: float) -> str:
@@ -366,35 +374,41 @@ def report(command: str, info: dict, load: tuple, results: dict, quick: bool, to
     ]
     r = results["ratio"]
     c = r["config"]
-    med = r["median_s"]
+    counts = list(r["runs"])
     out += [
         "## 1. SK versus a plain k-NN vote (same data, same torch brute-force search)",
         "",
         f"M={c['M']} evaluation points, N={c['N']} support points, d={c['d']}, k={c['k']}, {c['classes']} "
         f"one-hot targets, Gaussian kernel, lengthscale auto ({r['lengthscale']:.3g}), ridge 1e-3. "
-        f"Median of {c['repeats']} interleaved repeats after one warm-up.",
+        f"Median of {c['repeats']} interleaved repeats after one warm-up, at {r['threads']} torch threads (the "
+        "machine's cores) and again at 1 thread: on a shared machine a busy core stalls every parallel "
+        "operation, which the one-thread run does not see.",
         "",
-        "| what | median s | all repeats (s) |",
-        "|---|---|---|",
+        "| what | " + " | ".join(f"median s, {t} thread(s) | all repeats (s)" for t in counts) + " |",
+        "|---|" + "---|---|" * len(counts),
     ]
     labels = {"knn_vote": "k-NN vote (search + mean of neighbour targets)", "sk": "SK (search + local solves)",
               "search": "search alone", "sk_local_only": "SK local solves alone (indices given)",
               "sk_local_float64": "SK local solves alone, solve_dtype=float64"}
     for key, label in labels.items():
-        out.append(f"| {label} | {fmt_s(med[key])} | {', '.join(fmt_s(t) for t in r['all_s'][key])} |")
-    out += ["", f"**SK / k-NN vote time ratio: {r['ratio']:.3f}** (target <= 1.3, stretch <= 1.15).", ""]
+        cells = [f"{fmt_s(r['runs'][t]['median_s'][key])} | {', '.join(fmt_s(v) for v in r['runs'][t]['all_s'][key])}"
+                 for t in counts]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "**SK / k-NN vote time ratio: " + ", ".join(f"{r['runs'][t]['ratio']:.3f} at {t} thread(s)"
+                                                         for t in counts) + "** (target <= 1.3, stretch <= 1.15).", ""]
     out += [
         "## 2. Search FLOP rate",
         "",
-        "| rate | GFLOP/s | fraction of square matmul |",
-        "|---|---|---|",
-        f"| square sgemm {r['mm_n']}^3 (machine's matmul rate) | {r['square_mm_gflops']:.1f} | 1.00 |",
-        f"| sgemm in the search's block shape ({r['chunk']} x {c['d']}) x ({c['d']} x {c['N']}) | "
-        f"{r['search_shape_mm_gflops']:.1f} | {r['search_shape_mm_gflops'] / r['square_mm_gflops']:.2f} |",
-        f"| neighbour search, 2 M N d / time (matmul + top-k + ties) | {r['search_gflops']:.1f} | "
-        f"{r['search_gflops'] / r['square_mm_gflops']:.2f} |",
-        "",
+        "| threads | square sgemm " + f"{r['mm_n']}^3 GFLOP/s (the machine's matmul rate) | sgemm in the search's block "
+        f"shape ({r['chunk']} x {c['d']}) x ({c['d']} x {c['N']}) GFLOP/s | neighbour search 2MNd / time GFLOP/s "
+        "(matmul + top-k + ties) | search / square sgemm |",
+        "|---|---|---|---|---|",
     ]
+    for t in counts:
+        q = r["runs"][t]
+        out.append(f"| {t} | {q['square_mm_gflops']:.1f} | {q['search_shape_mm_gflops']:.1f} | {q['search_gflops']:.1f} | "
+                   f"**{q['search_gflops'] / q['square_mm_gflops']:.2f}** |")
+    out.append("")
     s = results["scaling"]
     c = s["config"]
     out += [
@@ -513,8 +527,7 @@ def main(argv=None) -> None:
     log(f"machine: {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}")
     results = {}
     log("1-2. SK versus the k-NN vote, search FLOP rate")
-    results["ratio"] = bench_ratio(cfg["ratio"], cfg["matmul"])
-    log(f"ratio SK / k-NN vote = {results['ratio']['ratio']:.3f}")
+    results["ratio"] = bench_ratio(cfg["ratio"], cfg["matmul"], sorted({args.threads, 1}, reverse=True))
     log("3. scaling against exact KRR and scikit-learn")
     results["scaling"] = bench_scaling(cfg["scaling"])
     log("4. peak memory (subprocess)")

@@ -77,6 +77,8 @@ def check_inputs(z: Tensor, x: Tensor, y: Tensor | None, k: int | None = None) -
             raise ValueError(f"row mismatch: y has {y.shape[0]} rows but x has {x.shape[0]}")
     if z.device != x.device or (y is not None and y.device != x.device):
         raise ValueError("z, x and y must be on the same device")
+    if z.dtype != x.dtype:
+        raise ValueError(f"dtype mismatch: z is {z.dtype} but x is {x.dtype} (y is cast to z's dtype)")
 
 
 def resolve_lengthscale(lengthscale, x: Tensor, k: int) -> float | Tensor:
@@ -145,6 +147,7 @@ def sparse_krr_core(z: Tensor, x: Tensor, y2: Tensor, idx: Tensor, kern: type[Ke
     """SK on validated inputs: y2 (N, c), neighbour indices idx (M, k) -> (M, c). No checks here."""
     m, d = z.shape
     k = idx.shape[1]
+    out_dtype = z.dtype
     work = solve_dtype or z.dtype
     ls, lam = _cast(lengthscale, work), _cast(ridge, work)
     if kern.stationary:
@@ -152,18 +155,25 @@ def sparse_krr_core(z: Tensor, x: Tensor, y2: Tensor, idx: Tensor, kern: type[Ke
         # rounding error of the local matmul expansion (about eps ||x||^2) small next to the distances.
         centre = x.detach().mean(0)
         x, z = x - centre, z - centre
+    # Without a gradient to x the gathered neighbours, the one large per-chunk tensor, go to a single
+    # reused buffer instead of fresh memory per chunk.
+    reuse = not (torch.is_grad_enabled() and x.requires_grad)
     chunk = chunk_size or default_chunk_size(m, k * (d + k + y2.shape[1]), LOCAL_BLOCK_ELEMENTS)
+    gathered = x.new_empty(min(chunk, m) * k, d) if reuse else None
     out = []
     for start in range(0, m, chunk):
         ic = idx[start:start + chunk]
         b = ic.shape[0]
         flat = ic.reshape(-1)
-        xg = x.index_select(0, flat).view(b, k, d).to(work)
+        if reuse:
+            xg = torch.index_select(x, 0, flat, out=gathered[:b * k]).view(b, k, d).to(work)
+        else:
+            xg = x.index_select(0, flat).view(b, k, d).to(work)
         yg = y2.index_select(0, flat).view(b, k, -1).to(work)
         out.append(local_predict(z[start:start + chunk].to(work), xg, yg, kern, ls, lam, continuous, taper))
     if not out:
-        return z.new_zeros(0, y2.shape[1])
-    return torch.cat(out).to(z.dtype)
+        return z.new_zeros(0, y2.shape[1], dtype=out_dtype)
+    return torch.cat(out).to(out_dtype)
 
 
 def check_indices(indices: Tensor, m: int, n: int, need: int, device) -> Tensor:

@@ -53,7 +53,6 @@ def robust_cholesky(a: Tensor) -> Tensor:
 
     The jitter is a constant (no gradient); autograd flows through the factorisation of a + jitter I.
     """
-    batch_shape = a.shape[:-2]
     n = a.shape[-1]
     a3 = a.reshape(-1, n, n)
     with serial_lapack(a3):

@@ -137,3 +137,18 @@ def test_cuda_search_matches_cpu():
     assert cidx.device.type == "cuda" and torch.equal(cidx.cpu(), idx)
     scores = sk.weighted_knn(z.cuda(), x.cuda(), torch.arange(3000).cuda() % 5, 5)
     assert torch.allclose(scores.cpu(), sk.weighted_knn(z, x, torch.arange(3000) % 5, 5), rtol=1e-4)
+
+
+def test_missing_faiss_gives_a_clear_import_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "faiss", None)     # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match="faiss-cpu"):
+        sk.knn_search(torch.randn(2, 3), torch.randn(5, 3), 2, backend="faiss")
+
+
+def test_mixed_precision_inputs():
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        sk.sparse_krr(torch.randn(5, 4), x, y, k=4)
+    f = sk.sparse_krr(torch.randn(5, 4), x.float(), y, k=4)      # y follows z
+    assert f.dtype == torch.float32 and torch.isfinite(f).all()
