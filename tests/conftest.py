@@ -25,6 +25,18 @@ def run_cli(args: list[str], tmp_path: Path, env: dict | None = None, check: boo
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny ops: on a shared 2-core machine a second OpenMP thread
+    only waits for a busy core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli(tmp_path):
     def _run(*args, **kw):

@@ -7,13 +7,7 @@ from torch import nn
 import sk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core machine: a second OpenMP thread only waits for a busy core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=80, m=20, d=5, c=3, seed=0):
