@@ -169,7 +169,7 @@ def run(cfg, ctx) -> dict:
                   progress=ctx.progress)
     eval_bs = int(E.eval_batch_size)
     feat_kw = dict(batch_size=eval_bs, device=device, mean_std=mean_std, amp=amp, progress=ctx.progress)
-    grid = E.sk_grid if E.sk_grid is not None else cfg.sk.grid
+    grid = cfg.sk.grid
     epochs = int(E.epochs)
     sk_epochs = max(1, int(round(float(E.sk_epochs_frac) * epochs)))
     rows, curves, info_common = [], {}, {"train_fit": str(len(fit_idx)), "val": str(len(val_idx)),

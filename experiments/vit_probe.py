@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from experiments.backbones import create as create_backbone
 from experiments.core.cache import module_fingerprint, tensor_fingerprint
@@ -131,15 +131,6 @@ def run_probes(x_lab, y_lab, x_test, y_test, num_classes, fit_idx, val_idx, cfg_
     return results
 
 
-def probe_cfg_sk(cfg):
-    """cfg.sk, with the experiment's smaller grid where ``exp.sk_grid`` is set."""
-    cfg_sk = cfg.sk.copy()
-    if cfg.exp.get("sk_grid") is not None:
-        with open_dict(cfg_sk):
-            cfg_sk.grid = cfg.exp.sk_grid
-    return cfg_sk
-
-
 def draw_probe_sets(split: str, n_train: int, n_test: int, n_lab, n_tst, generator):
     """Indices (labelled, test) of the seed's probe data; each a tensor into its source split."""
     if split == "test":
@@ -157,8 +148,6 @@ def draw_probe_sets(split: str, n_train: int, n_test: int, n_lab, n_tst, generat
 # ----------------------------------------------------------------------------------------- run
 def run(cfg, ctx) -> dict:
     exp = cfg.exp
-    if exp.get("threads") and not cfg.get("threads"):
-        torch.set_num_threads(int(exp.threads))
     data = load_dataset(cfg.data)
     info: dict = {}
     if cfg.backbone.name == "vit_tiny28":
@@ -198,7 +187,7 @@ def run(cfg, ctx) -> dict:
     fit_idx, val_idx = split_fit_val(len(lab_idx), float(exp.val_frac), g)
     y_lab, y_test = lab_y_all[lab_idx].to(ctx.device), data.y_test[tst_idx].to(ctx.device)
     fit_idx, val_idx = fit_idx.to(ctx.device), val_idx.to(ctx.device)
-    cfg_sk = probe_cfg_sk(cfg)
+    cfg_sk = cfg.sk
 
     tokens = [t for t in exp.tokens if t in test_feats]
     blocks = list(exp.blocks) if exp.get("blocks") else list(range(1, backbone.depth + 1))

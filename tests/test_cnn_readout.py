@@ -28,7 +28,7 @@ def test_end_to_end_run_gives_every_readout_with_costs_and_curves(cli, tmp_path)
     cli("+exp=cnn_readout", "data=digits", "logger=none", "seed=1", "exp.train_size=400", "exp.val_size=100",
         "exp.test_size=120", "exp.epochs=2", "exp.sk_epochs_frac=0.5", "exp.mlp.epochs=2", "exp.eval_batch_size=256",
         "backbone.width=8", "backbone.feature_dim=16",
-        "exp.sk_grid={k:[4,8],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1e-4]}")
+        "sk.grid={k:[4,8],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1e-4]}")
     (path,) = (tmp_path / "results" / "runs" / "cnn_readout" / "quick").glob("*.json")
     rec = json.loads(path.read_text())
     rows = {r["keys"]["readout"]: r for r in rec["rows"]}

@@ -11,7 +11,7 @@ import experiments.vit_probe as vp
 from experiments.backbones import create
 from experiments.backbones.vit import block_hooks
 from experiments.core import probes
-from experiments.core.runner import apply_profile, run_experiment
+from experiments.core.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_GROUPS = ["logger=none", "data=digits", "backbone.depth=2", "backbone.embed_dim=32", "backbone.num_heads=2"]
 TINY_EXP = {"pretrain.epochs": 1, "pretrain.per_class": None, "probe_labelled": 150, "probe_test": 100,
             "linear_c_grid": [0.1, 10.0], "linear_max_iter": 20,
-            "sk_grid": {"k": [5, 10], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}}
+            }
+TINY_SK_GRID = {"k": [5, 10], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}
 TINY_CLI = TINY_GROUPS + [
     "exp.pretrain.epochs=1", "exp.pretrain.per_class=null", "exp.probe_labelled=150", "exp.probe_test=100",
     "exp.linear_c_grid=[0.1,10.0]", "exp.linear_max_iter=20",
-    "exp.sk_grid={k:[5,10],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1.0e-3]}"]
+    "sk.grid={k:[5,10],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1.0e-3]}"]
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -32,9 +33,9 @@ def tiny_cfg(tmp_path, *extra):
         cfg = compose(config_name="config", overrides=[
             "+exp=vit_probe", f"paths.root={ROOT}", f"paths.results={tmp_path}/results",
             f"paths.cache={tmp_path}/cache", *TINY_GROUPS, *extra])
-    apply_profile(cfg)
     for key, value in TINY_EXP.items():
         OmegaConf.update(cfg, f"exp.{key}", value, merge=False)
+    OmegaConf.update(cfg, "sk.grid", TINY_SK_GRID, merge=False)
     return cfg
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.core.cache import FeatureCache
 from experiments.core.logging import make_logger
@@ -69,34 +69,6 @@ class RunContext:
         return torch.Generator().manual_seed(self.seed + offset)
 
 
-def apply_profile(cfg: DictConfig) -> None:
-    """Merge ``exp.profiles[profile]`` into ``exp`` (and drop the profile table from the config)."""
-    profiles = cfg.exp.get("profiles")
-    if profiles is None:
-        return
-    if cfg.profile not in profiles:
-        raise ValueError(f"profile={cfg.profile!r} is not defined for exp {cfg.exp.name!r}: "
-                         f"choose one of {sorted(profiles)}")
-    chosen = profiles[cfg.profile]
-    with open_dict(cfg):
-        del cfg.exp["profiles"]
-        # Values given on the command line (exp.x=...) win over the profile's.
-        explicit = _command_line_keys()
-        for key, value in (chosen or {}).items():
-            if f"exp.{key}" not in explicit:
-                cfg.exp[key] = value
-
-
-def _command_line_keys() -> set[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = HydraConfig.get().overrides.task
-    except (ValueError, ImportError):
-        return set()
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-
-
 def _hydra_info() -> tuple[str, str, str | None]:
     """(command, output dir, sweep id or None) of the current Hydra job."""
     try:
@@ -121,7 +93,6 @@ def run_experiment(cfg: DictConfig) -> float | None:
     name = cfg.exp.get("name")
     if name not in known_experiments():
         raise ValueError(f"unknown experiment {name!r}: known are " + ", ".join(known_experiments()))
-    apply_profile(cfg)
     OmegaConf.resolve(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
