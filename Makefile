@@ -11,9 +11,15 @@ LOCK := flock /tmp/sk_cpu.lock
 SEEDS3 := 0,1,2
 SEEDS5 := 0,1,2,3,4
 SEEDS10 := 0,1,2,3,4,5,6,7,8,9
+PROFILE ?= quick
+# Backbones of the paper profiles. ViT-S/16 pretrained on ImageNet-21k and fine-tuned on ImageNet-1k (timm's
+# AugReg weights; scripts/paper_data.py fetches them into the hub cache), or VIT_CHECKPOINT=/path/to/file.
+VIT_S16 := vit_small_patch16_224.augreg_in21k_ft_in1k
+VIT_PAPER := backbone=timm backbone.model=$(VIT_S16) backbone.img_size=224$(if $(VIT_CHECKPOINT), backbone.checkpoint_path=$(VIT_CHECKPOINT))
+EFFNET_PAPER := backbone=efficientnet_lite0 backbone.img_size=224
 
 .PHONY: setup data demo test test-slow test-cuda bench-sk tables table-cnn-readout table-vit-probe \
-        table-transfer table-ddqn table-ddqn-ablation table-smoke paper-tables clean help
+        table-transfer table-ddqn table-ddqn-ablation table-smoke paper-data paper-tables clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile; grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:/'
@@ -35,8 +41,16 @@ demo: setup table-cnn-readout ## the main job on the offline default
 test: setup ## the test suite (CPU, < 10 min)
 	$(PY) -m pytest -q
 
-test-slow: setup ## the slow tests left out of `make test`
+test-slow: setup ## the slow tests left out of `make test` (end to end: every experiment's smoke profile to its table)
 	$(PY) -m pytest -q -m slow
+
+test-cuda: setup ## the CUDA tests (marked cuda, or cuda in their name); without a CUDA device it says so and exits 0
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(PY) -m pytest -q -k cuda; \
+	else \
+	  echo "make test-cuda: no CUDA device here (torch.cuda.is_available() is False), so no test ran."; \
+	  echo "Run it on a machine with a GPU; 'make test' skips the CUDA tests, each with its reason."; \
+	fi
 
 bench-sk: setup ## SK benchmark -> results/bench_sk.md
 	$(LOCK) $(PY) scripts/bench_sk.py --out results/bench_sk.md
@@ -57,16 +71,36 @@ table-smoke: setup
 JOBLIB2 := hydra/launcher=joblib hydra.launcher.n_jobs=2
 DDQN_ENVS := exp.env=cartpole,acrobot,lunarlander,breakout
 
-table-cnn-readout: setup ## CNN readout table (quick profile; PROFILE=paper for the paper's)
-	$(LOCK) $(RUN) -m +exp=cnn_readout profile=$(PROFILE) seed=$(if $(filter paper,$(PROFILE)),$(SEEDS5),$(SEEDS3)) $(JOBLIB2)
+# PROFILE=paper runs the paper's setting; the quick profiles keep Fashion-MNIST and the offline backbones.
+# CNN readout, paper: CIFAR-10 with the CIFAR ResNet-18, 5 seeds, one job at a time (they share the GPU).
+table-cnn-readout: setup ## CNN readout table (quick profile; PROFILE=paper: CIFAR-10, ResNet-18)
+ifeq ($(PROFILE),paper)
+	$(LOCK) $(RUN) -m +exp=cnn_readout profile=paper data=cifar10 backbone=resnet18 seed=$(SEEDS5)
+else
+	$(LOCK) $(RUN) -m +exp=cnn_readout profile=$(PROFILE) seed=$(SEEDS3) $(JOBLIB2)
+endif
 	$(PY) scripts/make_tables.py cnn_readout
 
-table-vit-probe: setup ## ViT probing table
+# ViT probing, paper: the pretrained timm ViT-S/16 probed on CIFAR-10 and on CIFAR-100 (two sweeps).
+table-vit-probe: setup ## ViT probing table (PROFILE=paper: timm ViT-S/16 on CIFAR-10 and CIFAR-100)
+ifeq ($(PROFILE),paper)
+	$(LOCK) $(RUN) -m +exp=vit_probe profile=paper data=cifar10 $(VIT_PAPER) seed=$(SEEDS3)
+	$(LOCK) $(RUN) -m +exp=vit_probe profile=paper data=cifar100 $(VIT_PAPER) seed=$(SEEDS3)
+else
 	$(LOCK) $(RUN) -m +exp=vit_probe profile=$(PROFILE) seed=$(SEEDS3)
+endif
 	$(PY) scripts/make_tables.py vit_probe
 
-table-transfer: setup ## training-free transfer table
+# Transfer, paper: EfficientNet-Lite0 and ViT-S/16 at their native 224 px to CIFAR-10, CIFAR-100 and
+# Fashion-MNIST; the within-Fashion-MNIST part (small CNN, classes 0-4 -> 5-9) runs once, in the first sweep.
+table-transfer: setup ## training-free transfer table (PROFILE=paper: pretrained backbones at 224 px to CIFAR-10/100, Fashion-MNIST)
+ifeq ($(PROFILE),paper)
+	$(LOCK) $(RUN) -m +exp=transfer profile=paper data=fashion_mnist $(EFFNET_PAPER) seed=$(SEEDS5)
+	$(LOCK) $(RUN) -m +exp=transfer profile=paper data=cifar10,cifar100 $(EFFNET_PAPER) exp.within=false seed=$(SEEDS5)
+	$(LOCK) $(RUN) -m +exp=transfer profile=paper data=cifar10,cifar100,fashion_mnist $(VIT_PAPER) exp.within=false seed=$(SEEDS5)
+else
 	$(LOCK) $(RUN) -m +exp=transfer profile=$(PROFILE) seed=$(SEEDS5)
+endif
 	$(PY) scripts/make_tables.py transfer
 
 table-ddqn: setup ## kernel-augmented Double DQN table
@@ -74,10 +108,12 @@ table-ddqn: setup ## kernel-augmented Double DQN table
 	  seed=$(if $(filter paper,$(PROFILE)),$(SEEDS10),$(SEEDS5)) $(JOBLIB2)
 	$(PY) scripts/make_tables.py ddqn
 
-paper-tables: ## every table at paper scale (GPU recommended)
+paper-data: $(STAMP) ## fetch CIFAR-10/100 (and Fashion-MNIST) into SK_DATA and the ViT-S/16 weights into the hub cache (network)
+	$(PY) scripts/paper_data.py
+
+paper-tables: $(STAMP) ## every table at paper scale (GPU); stops at once, offline, if data or weights are missing
+	$(PY) scripts/paper_data.py --check $(if $(VIT_CHECKPOINT),--vit-checkpoint $(VIT_CHECKPOINT))
 	$(MAKE) table-cnn-readout table-vit-probe table-transfer table-ddqn PROFILE=paper
 
 clean: ## remove Hydra outputs and caches (keeps results/)
 	rm -rf outputs multirun .cache
-
-PROFILE ?= quick

@@ -4,10 +4,12 @@ Claim tested: SK on frozen features transfers with no training at all, and is st
 few. For n = 1, 5, 10, 50, 100 and all labelled examples per class, one run (one seed) draws one
 labelled set per n and reads the test set out with
 
-- ``sk``: the SK classifier (no training). Hyperparameters: for n < ``sk_tune_min_shots`` cfg.sk's
-  fixed values (k, kernel, ridge; lengthscale ``auto``), since a leave-one-out on one example a class
-  removes the class; for larger n, leave-one-out over cfg.sk.grid on the labelled draw (free for a lazy
-  method: each labelled point is predicted from its neighbours among the others).
+- ``sk``: the SK classifier (no training). Hyperparameters, with ``sk.tune=true`` (default): for
+  n < ``exp.sk_tune_min_shots`` the fixed setting (``sk.k``, ``sk.kernel``, ``sk.lengthscale``,
+  ``sk.ridge``), since a leave-one-out on one example a class removes the class; for larger n,
+  leave-one-out over ``sk.grid`` on the labelled draw (free for a lazy method: each labelled point is
+  predicted from its neighbours among the others). With ``sk.tune=false`` the fixed setting at every n.
+  The row's ``chosen`` says which (``rule=fixed`` or ``rule=loo``).
 - ``knn``: DINO's weighted k-NN (no training); ``ncm``: nearest class mean (no training);
 - ``linear``: logistic regression (trained), C from a stratified validation split of the labelled draw
   (a fixed C below ``linear_tune_min_shots``);
@@ -31,6 +33,7 @@ on image ids: train index, or n_train + test index).
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +47,14 @@ from omegaconf import OmegaConf
 import sk
 from experiments.backbones import create
 from experiments.core.cache import file_fingerprint, module_fingerprint, tensor_fingerprint
-from experiments.core.data import load_dataset
-from experiments.core.probes import ProbeResult, accuracy, knn_probe, linear_probe, ncm_probe, sk_probe
+from experiments.core.config import sk_options
+from experiments.core.data import load_dataset, train_val_split
+from experiments.core.probes import ProbeResult, accuracy, knn_probe, linear_probe, ncm_probe, sk_probe, tune_sk
 from experiments.core.train import extract_features, predict, train_classifier
 
 ALL = "all"
 DRAW_SEED = 7919  # offset of the labelled draws' generator (the run seed is added)
+OBJECTIVES: tuple[str, ...] = ()  # no validation accuracy of a fixed SK setting: not a target of +hparams_search
 METHOD_ORDER = ["sk", "knn", "ncm", "linear", "finetune"]
 
 
@@ -99,20 +104,6 @@ def assert_disjoint(support_ids: torch.Tensor, test_ids: torch.Tensor) -> None:
     if bool(common.any()):
         raise AssertionError(f"{int(common.sum())} test images are in the support set, e.g. id "
                              f"{int(support_ids[common][0])}")
-
-
-def stratified_split(y: torch.Tensor, val_frac: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit, val) positions with round(val_frac * n_c) >= 1 images of each class c in val (and >= 1 in fit)."""
-    fit, val = [], []
-    for c in y.unique().tolist():
-        idx = (y == c).nonzero().flatten()
-        if len(idx) < 2:
-            raise ValueError(f"class {c} has {len(idx)} labelled image(s): no validation split possible")
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        n_val = min(max(1, round(val_frac * len(idx))), len(idx) - 1)
-        val.append(idx[:n_val])
-        fit.append(idx[n_val:])
-    return torch.cat(fit).sort().values, torch.cat(val).sort().values
 
 
 def _at_least(n, threshold: int) -> bool:
@@ -273,134 +264,104 @@ class Task:
     make_tail: Callable[[], nn.Module] | None = None
 
 
-def sk_loo_tune(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid, max_points: int,
-                generator: torch.Generator, chunk: int = 128) -> tuple[dict[str, Any], float]:
+def sk_loo_tune(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, k: list[int], kernel: list[str],
+                lengthscale_mult: list[float], ridge: list[float], max_points: int, generator: torch.Generator,
+                backend: str = "torch") -> tuple[dict[str, Any], float]:
     """Leave-one-out choice of (k, kernel, lengthscale multiple, ridge) on the labelled set alone.
 
-    Each of at most ``max_points`` labelled points is predicted by SK from its nearest neighbours among
-    the *other* labelled points (one search, the point itself removed); the best grid entry wins (ties:
-    the first in grid order). ``x`` is already normalised as SK will see it.
-
-    The local squared distances of the k_max nearest neighbours are computed once (as
-    ``sk.Kernel.local`` computes them); every grid entry then only evaluates its kernel on them and
-    solves its k x k systems (``sk.psd_solve``): the same predictions as ``sk.sparse_krr`` with these
-    neighbours (tested), without recomputing d-dimensional distances 144 times.
+    Each of at most ``max_points`` labelled points (a random subset; every labelled point stays in the
+    support) is predicted by ``sk.sparse_krr`` from its nearest neighbours among the *other* labelled
+    points: one ``sk.knn_search`` for k_max + 1 neighbours, the point itself removed, serves every grid
+    entry (``tune_sk`` with these ``indices``; k is capped at n - 1). The best grid entry wins (ties: the
+    first in grid order). ``x`` is already normalised as SK will see it.
     """
     n = len(x)
     q = torch.randperm(n, generator=generator)[:max_points].to(x.device) if n > max_points else torch.arange(n, device=x.device)
-    k_max = min(max(int(k) for k in grid.k), n - 1)
+    k_max = min(max(int(v) for v in k), n - 1)
     with torch.no_grad():
-        _, idx = sk.knn_search(x[q], x, k_max + 1)
-        drop = idx == q[:, None]
-        drop[~drop.any(1), -1] = True  # self beyond the k_max + 1 nearest (duplicates): drop the farthest instead
-        idx = idx[~drop].view(len(q), k_max)
-        d2z, d2xx = [], []
-        for s in range(0, len(q), chunk):
-            diff = x[idx[s:s + chunk]] - x[q[s:s + chunk]].unsqueeze(1)  # (B, k_max, d)
-            dz = (diff * diff).sum(-1)
-            dxx = (dz.unsqueeze(2) + dz.unsqueeze(1) - 2.0 * torch.bmm(diff, diff.transpose(1, 2))).clamp_min(0.0)
-            dxx.diagonal(dim1=1, dim2=2).zero_()
-            d2z.append(dz)
-            d2xx.append(dxx)
-        d2z, d2xx = torch.cat(d2z), torch.cat(d2xx)
-        yg = F.one_hot(y.long(), num_classes).to(x.dtype)[idx]  # (M, k_max, C)
-        y_q = y[q]
-        best, best_acc = None, -1.0
-        for k in sorted(int(k) for k in grid.k):
-            k_eff = min(k, k_max)
-            auto = float(sk.auto_lengthscale(x, k=k_eff))
-            dz, dxx, yk = d2z[:, :k_eff], d2xx[:, :k_eff, :k_eff], yg[:, :k_eff]
-            eye = torch.eye(k_eff, dtype=x.dtype, device=x.device)
-            for kernel in grid.kernel:
-                kern = sk.kernels.kernel_class(str(kernel))
-                if not kern.stationary:
-                    raise ValueError(f"leave-one-out tuning takes distance-based kernels, not {kernel!r}")
-                for mult in grid.lengthscale_mult:
-                    ls = auto * float(mult)
-                    kzx, kxx = kern.k(dz, ls), kern.k(dxx, ls)
-                    for ridge in grid.ridge:
-                        alpha = sk.psd_solve(kxx + float(ridge) * eye, yk)
-                        pred = torch.bmm(kzx.unsqueeze(1), alpha).squeeze(1).argmax(1)
-                        acc = accuracy(pred, y_q)
-                        if acc > best_acc + 1e-12:
-                            best_acc = acc
-                            best = {"k": k_eff, "kernel": str(kernel), "lengthscale": ls, "ridge": float(ridge)}
-    return best, best_acc
+        _, idx = sk.knn_search(x[q], x, k_max + 1, backend=backend)
+    drop = idx == q[:, None]
+    drop[~drop.any(1), -1] = True  # self beyond the k_max + 1 nearest (duplicates): drop the farthest instead
+    idx = idx[~drop].view(len(q), k_max)
+    return tune_sk(x, y, x[q], y[q], num_classes, k=k, kernel=kernel, lengthscale_mult=lengthscale_mult,
+                   ridge=ridge, backend=backend, indices=idx)
 
 
-def run_sk(task: Task, cfg, ctx) -> ProbeResult:
-    cfg_sk = cfg.sk
-    x = task.x.to(ctx.device)
+def run_sk(task: Task, *, device, sk_kw: dict, tune_min_shots: int, loo_points: int) -> ProbeResult:
+    """SK on the labelled draw. ``sk_kw``: ``sk_options(cfg.sk)``. With a grid (``sk.tune=true``) and
+    n >= ``tune_min_shots`` the setting is chosen by leave-one-out on the draw (rule ``loo``); otherwise
+    (``sk.tune=false``, or fewer shots: a leave-one-out on one example a class removes the class) the
+    fixed setting is used (rule ``fixed``)."""
+    x, y = task.x.to(device), task.y.to(device)
+    setting = {**sk_kw, "grid": None}
     t0 = time.perf_counter()
-    if _at_least(task.n, int(cfg.exp.sk_tune_min_shots)):
-        xn = F.normalize(x.float(), dim=1) if bool(cfg_sk.get("normalize", True)) else x.float()
-        chosen, loo_acc = sk_loo_tune(xn, task.y.to(ctx.device), task.num_classes, cfg_sk.grid,
-                                      int(cfg.exp.sk_loo_points), torch.Generator().manual_seed(task.seed))
+    loo_acc, rule = None, "fixed"
+    if sk_kw["grid"] is not None and _at_least(task.n, tune_min_shots):
+        xn = F.normalize(x.float(), dim=1) if sk_kw["normalize"] else x.float()
+        chosen, loo_acc = sk_loo_tune(xn, y, task.num_classes, max_points=loo_points,
+                                      generator=torch.Generator().manual_seed(task.seed), backend=sk_kw["backend"],
+                                      **sk_kw["grid"])
+        setting.update(chosen)
         rule = "loo"
-    else:
-        chosen, loo_acc, rule = {"k": int(cfg_sk.k), "kernel": str(cfg_sk.kernel), "lengthscale": cfg_sk.lengthscale,
-                                 "ridge": float(cfg_sk.ridge)}, None, "fixed"
     tune_s = time.perf_counter() - t0
-    fixed = OmegaConf.merge(cfg_sk, {"tune": False, **chosen})
-    res = sk_probe(x, task.y.to(ctx.device), task.test_x.to(ctx.device), task.test_y.to(ctx.device),
-                   task.num_classes, fixed)
+    res = sk_probe(x, y, task.test_x.to(device), task.test_y.to(device), task.num_classes, **setting)
     res.fit_s += tune_s  # SK fits nothing: the time is the hyperparameter choice
     res.val_acc = loo_acc
     res.chosen = {"rule": rule, **res.chosen}
     return res
 
 
-def run_knn(task: Task, cfg, ctx) -> ProbeResult:
-    return knn_probe(task.x.to(ctx.device), task.y.to(ctx.device), task.test_x.to(ctx.device),
-                     task.test_y.to(ctx.device), task.num_classes, k=int(cfg.exp.knn_k),
-                     temperature=float(cfg.exp.knn_temperature))
+def run_knn(task: Task, *, device, k: int, temperature: float) -> ProbeResult:
+    return knn_probe(task.x.to(device), task.y.to(device), task.test_x.to(device), task.test_y.to(device),
+                     task.num_classes, k=k, temperature=temperature)
 
 
-def run_ncm(task: Task, cfg, ctx) -> ProbeResult:
-    d = ctx.device
-    return ncm_probe(task.x.to(d), task.y.to(d), task.test_x.to(d), task.test_y.to(d), task.num_classes)
+def run_ncm(task: Task, *, device) -> ProbeResult:
+    return ncm_probe(task.x.to(device), task.y.to(device), task.test_x.to(device), task.test_y.to(device),
+                     task.num_classes)
 
 
-def run_linear(task: Task, cfg, ctx) -> ProbeResult:
-    e = cfg.exp
-    if _at_least(task.n, int(e.linear_tune_min_shots)):
-        fit, val = stratified_split(task.y, float(e.linear_val_frac), torch.Generator().manual_seed(task.seed))
-        grid, rule = [float(c) for c in e.linear_c_grid], "val"
+def run_linear(task: Task, *, device, tune_min_shots: int, val_frac: float, default_C: float, c_grid: list[float],
+               max_iter: int) -> ProbeResult:
+    """Logistic regression; C chosen on a stratified validation split of the draw from n >= ``tune_min_shots``."""
+    if _at_least(task.n, tune_min_shots):
+        fit, val = train_val_split(len(task.y), val_frac, torch.Generator().manual_seed(task.seed), stratify=task.y)
+        grid, rule = c_grid, "val"
     else:  # one C: the split is not used to choose anything
         fit = val = torch.arange(len(task.y))
-        grid, rule = [float(e.linear_default_C)], "fixed"
-    d = ctx.device
-    res = linear_probe(task.x.to(d), task.y.to(d), task.test_x.to(d), task.test_y.to(d), task.num_classes,
-                       fit.to(d), val.to(d), c_grid=grid, max_iter=int(e.linear_max_iter))
+        grid, rule = [default_C], "fixed"
+    res = linear_probe(task.x.to(device), task.y.to(device), task.test_x.to(device), task.test_y.to(device),
+                       task.num_classes, fit.to(device), val.to(device), c_grid=grid, max_iter=max_iter)
     res.chosen = {"rule": rule, **res.chosen}
     if rule == "fixed":
         res.val_acc = None
     return res
 
 
-def run_finetune(task: Task, cfg, ctx) -> ProbeResult | None:
-    """Train the last block + head convolution + a new linear classifier on the cached activations."""
-    e = cfg.exp
+def run_finetune(task: Task, *, device, shots: list, steps: int, batch_size: int, lr: float,
+                 weight_decay: float) -> ProbeResult | None:
+    """Train the last block + head convolution + a new linear classifier on the cached activations,
+    at the n in ``shots`` only, for a fixed schedule of ``steps`` Adam steps (cosine learning rate)."""
     if task.make_tail is None or task.act is None:
         return None
-    if str(task.n) not in {str(s) for s in e.finetune_shots}:
+    if str(task.n) not in {str(s) for s in shots}:
         return None
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(task.seed)
-        tail = task.make_tail().to(ctx.device)
-        head = nn.Linear(int(task.x.shape[1]), task.num_classes).to(ctx.device)
+        tail = task.make_tail().to(device)
+        head = nn.Linear(int(task.x.shape[1]), task.num_classes).to(device)
     tail.eval()  # batch-norm statistics stay the pretrained ones (few-shot batches are tiny)
     params = [p for p in tail.parameters()] + list(head.parameters())
     for p in params:
         p.requires_grad_(True)
-    steps, bs = int(e.finetune_steps), min(int(e.finetune_batch_size), len(task.y))
-    opt = torch.optim.Adam(params, lr=float(e.finetune_lr), weight_decay=float(e.finetune_weight_decay))
+    bs = min(batch_size, len(task.y))
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     g = torch.Generator().manual_seed(task.seed)
-    act, y = task.act.to(ctx.device), task.y.to(ctx.device)
+    act, y = task.act.to(device), task.y.to(device)
     for _ in range(steps):
-        idx = torch.randperm(len(y), generator=g)[:bs].to(ctx.device)
+        idx = torch.randperm(len(y), generator=g)[:bs].to(device)
         loss = F.cross_entropy(head(tail(act[idx])), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -409,20 +370,38 @@ def run_finetune(task: Task, cfg, ctx) -> ProbeResult | None:
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
-        pred = torch.cat([head(tail(task.test_act[s:s + 512].to(ctx.device))).argmax(1).cpu()
+        pred = torch.cat([head(tail(task.test_act[s:s + 512].to(device))).argmax(1).cpu()
                           for s in range(0, len(task.test_act), 512)])
     return ProbeResult("finetune", accuracy(pred, task.test_y), None, fit_s, time.perf_counter() - t0,
-                       {"steps": steps, "lr": float(e.finetune_lr)}, pred)
+                       {"steps": steps, "lr": lr}, pred)
 
 
-METHODS: dict[str, Callable[[Task, Any, Any], ProbeResult | None]] = {
+METHODS: dict[str, Callable[..., ProbeResult | None]] = {
     "sk": run_sk, "knn": run_knn, "ncm": run_ncm, "linear": run_linear, "finetune": run_finetune}
+
+
+def method_options(cfg) -> dict[str, dict[str, Any]]:
+    """Each method's keyword arguments, read from the config (the only place the methods' knobs are read)."""
+    e = cfg.exp
+    return {
+        "sk": {"sk_kw": sk_options(cfg.sk), "tune_min_shots": int(e.sk_tune_min_shots),
+               "loo_points": int(e.sk_loo_points)},
+        "knn": {"k": int(e.knn_k), "temperature": float(e.knn_temperature)},
+        "ncm": {},
+        "linear": {"tune_min_shots": int(e.linear_tune_min_shots), "val_frac": float(e.linear_val_frac),
+                   "default_C": float(e.linear_default_C), "c_grid": [float(c) for c in e.linear_c_grid],
+                   "max_iter": int(e.linear_max_iter)},
+        "finetune": {"shots": list(e.finetune_shots), "steps": int(e.finetune_steps),
+                     "batch_size": int(e.finetune_batch_size), "lr": float(e.finetune_lr),
+                     "weight_decay": float(e.finetune_weight_decay)},
+    }
 
 
 # ----------------------------------------------------------------------------- harness
 
-def evaluate(bank: Bank, shots: list, methods: list[str], cfg, ctx) -> list[dict]:
-    """Every method on the same labelled draw, for every n; rows of the table."""
+def evaluate(bank: Bank, shots: list, methods: dict[str, Callable[[Task], ProbeResult | None]], ctx) -> list[dict]:
+    """Every method (name -> ``method(task)``, its options bound) on the same labelled draw, for every n;
+    rows of the table."""
     rows = []
     draws = draw_labelled(bank.pool_y, shots, ctx.seed)
     for n, pos in draws.items():
@@ -433,8 +412,8 @@ def evaluate(bank: Bank, shots: list, methods: list[str], cfg, ctx) -> list[dict
                     act=bank.pool_act[pos] if bank.pool_act is not None else None, test_act=bank.test_act,
                     make_tail=bank.make_tail)
         draw_id = tensor_fingerprint(support_ids)[:12]
-        for name in methods:
-            res = METHODS[name](task, cfg, ctx)
+        for name, method in methods.items():
+            res = method(task)
             if res is None:
                 continue
             metrics = {"test_acc": res.test_acc, "fit_s": res.fit_s, "predict_s": res.predict_s,
@@ -457,14 +436,17 @@ def run(cfg, ctx) -> dict:
     unknown = set(cfg.exp.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}: known are {METHOD_ORDER}")
-    methods = [m for m in METHOD_ORDER if m in cfg.exp.methods]
+    options = method_options(cfg)
+    methods = {m: functools.partial(METHODS[m], device=ctx.device, **options[m])
+               for m in METHOD_ORDER if m in cfg.exp.methods}
     shots = _shots(cfg)
     banks = [pretrained_bank(cfg, ctx)]
     if cfg.exp.within:
         banks.append(within_bank(cfg, ctx))
     rows = []
     for bank in banks:
-        rows += evaluate(bank, shots, methods if bank.make_tail else [m for m in methods if m != "finetune"], cfg, ctx)
+        usable = methods if bank.make_tail else {m: f for m, f in methods.items() if m != "finetune"}
+        rows += evaluate(bank, shots, usable, ctx)
     summary = {}
     for r in rows:
         tag = "within" if r["keys"]["setting"] != banks[0].setting else "transfer"

@@ -39,11 +39,13 @@ from omegaconf import OmegaConf
 
 from experiments.backbones import create as create_backbone
 from experiments.core.cache import module_fingerprint, tensor_fingerprint
-from experiments.core.data import class_subset, load_dataset
-from experiments.core.probes import knn_probe, linear_probe, sk_probe, split_fit_val
+from experiments.core.config import sk_options
+from experiments.core.data import class_subset, load_dataset, train_val_split
+from experiments.core.probes import knn_probe, linear_probe, sk_probe
 from experiments.core.train import to_input, train_classifier
 
 PROBES = ("linear", "knn", "sk")
+OBJECTIVES = ("val_acc",)  # SK's validation accuracy at the (block, token) it picks: what +hparams_search=sk_optuna maximises
 
 
 # ----------------------------------------------------------------------------------------- backbone
@@ -115,18 +117,21 @@ def extract_block_features(backbone, x, *, mean_std, device, batch_size: int, am
 
 
 # ----------------------------------------------------------------------------------------- probes
-def run_probes(x_lab, y_lab, x_test, y_test, num_classes, fit_idx, val_idx, cfg_sk, exp) -> list:
-    """The three probes on one feature set: same labelled set, same validation split, same test set."""
-    c_grid = [float(c) for c in exp.linear_c_grid]
+def run_probes(x_lab, y_lab, x_test, y_test, num_classes, fit_idx, val_idx, *, sk: dict, c_grid: list[float],
+               max_iter: int, knn_k: int, knn_temperature: float) -> list:
+    """The three probes on one feature set: same labelled set, same validation split, same test set.
+
+    ``sk``: ``sk_probe``'s keyword arguments (``sk_options(cfg.sk)``); ``c_grid``, ``max_iter``: the linear
+    probe's; ``knn_k``, ``knn_temperature``: the weighted k-NN's.
+    """
     results = [
-        linear_probe(x_lab, y_lab, x_test, y_test, num_classes, fit_idx, val_idx, c_grid=c_grid,
-                     max_iter=int(exp.linear_max_iter)),
-        knn_probe(x_lab, y_lab, x_test, y_test, num_classes, k=int(exp.knn_k), temperature=float(exp.knn_temperature)),
-        sk_probe(x_lab, y_lab, x_test, y_test, num_classes, cfg_sk, fit_idx, val_idx),
+        linear_probe(x_lab, y_lab, x_test, y_test, num_classes, fit_idx, val_idx, c_grid=c_grid, max_iter=max_iter),
+        knn_probe(x_lab, y_lab, x_test, y_test, num_classes, k=knn_k, temperature=knn_temperature),
+        sk_probe(x_lab, y_lab, x_test, y_test, num_classes, fit_idx=fit_idx, val_idx=val_idx, **sk),
     ]
     # k-NN tunes nothing; its validation accuracy (fit part -> validation part) is reported for comparison.
     knn_val = knn_probe(x_lab[fit_idx], y_lab[fit_idx], x_lab[val_idx], y_lab[val_idx], num_classes,
-                        k=int(exp.knn_k), temperature=float(exp.knn_temperature))
+                        k=knn_k, temperature=knn_temperature)
     results[1].val_acc = knn_val.test_acc
     return results
 
@@ -184,10 +189,12 @@ def run(cfg, ctx) -> dict:
     g = ctx.generator()
     lab_idx, tst_idx = draw_probe_sets(split, len(data.y_train), len(data.y_test), exp.probe_labelled,
                                        exp.probe_test, g)
-    fit_idx, val_idx = split_fit_val(len(lab_idx), float(exp.val_frac), g)
+    fit_idx, val_idx = train_val_split(len(lab_idx), float(exp.val_frac), g)
     y_lab, y_test = lab_y_all[lab_idx].to(ctx.device), data.y_test[tst_idx].to(ctx.device)
     fit_idx, val_idx = fit_idx.to(ctx.device), val_idx.to(ctx.device)
-    cfg_sk = cfg.sk
+    probe_options = dict(sk=sk_options(cfg.sk), c_grid=[float(c) for c in exp.linear_c_grid],
+                         max_iter=int(exp.linear_max_iter), knn_k=int(exp.knn_k),
+                         knn_temperature=float(exp.knn_temperature))
 
     tokens = [t for t in exp.tokens if t in test_feats]
     blocks = list(exp.blocks) if exp.get("blocks") else list(range(1, backbone.depth + 1))
@@ -199,7 +206,7 @@ def run(cfg, ctx) -> dict:
         if exp.center:
             mu = x_lab.mean(dim=0, keepdim=True)
             x_lab, x_test = x_lab - mu, x_test - mu
-        for r in run_probes(x_lab, y_lab, x_test, y_test, data.num_classes, fit_idx, val_idx, cfg_sk, exp):
+        for r in run_probes(x_lab, y_lab, x_test, y_test, data.num_classes, fit_idx, val_idx, **probe_options):
             rows.append({"keys": {"block": b, "token": t, "probe": r.name}, "metrics": r.metrics(), "info": r.info()})
             curves[f"{r.name}-{t}"]["x"].append(b)
             curves[f"{r.name}-{t}"]["y"].append(r.test_acc)
@@ -213,7 +220,8 @@ def run(cfg, ctx) -> dict:
 
 def summarize_rows(rows: list[dict]) -> dict:
     """Headline numbers: per probe the best test accuracy over (block, token), the test accuracy at the
-    (block, token) its validation accuracy picks, and the total fitting seconds over all probed features."""
+    (block, token) its validation accuracy picks and that validation accuracy (``val_acc``: SK's, what
+    an hparams search maximises), and the total fitting seconds over all probed features."""
     out: dict = {}
     for probe in PROBES:
         mine = [r for r in rows if r["keys"]["probe"] == probe]
@@ -223,7 +231,10 @@ def summarize_rows(rows: list[dict]) -> dict:
         picked = max(mine, key=lambda r: r["metrics"].get("val_acc", -1.0))
         out[f"{probe}_selected_test_acc"] = picked["metrics"]["test_acc"]
         out[f"{probe}_selected"] = f"block {picked['keys']['block']} {picked['keys']['token']}"
+        out[f"{probe}_selected_val_acc"] = picked["metrics"].get("val_acc")
         out[f"{probe}_fit_s_total"] = sum(r["metrics"]["fit_s"] for r in mine)
+    if "sk_selected_val_acc" in out:
+        out["val_acc"] = out["sk_selected_val_acc"]
     if "linear_fit_s_total" in out and "sk_fit_s_total" in out:
         out["sk_over_linear_fit_s"] = out["sk_fit_s_total"] / max(out["linear_fit_s_total"], 1e-12)
         out["sk_minus_linear_selected_acc"] = out["sk_selected_test_acc"] - out["linear_selected_test_acc"]

@@ -13,9 +13,8 @@ from experiments.core.data import load_digits
 from experiments.core.train import count_params, crop_flip, extract_features, train_classifier
 
 SMALL_CNN = OmegaConf.create({"name": "small_cnn", "in_channels": 1, "width": 8, "feature_dim": 16})
-SK_CFG = OmegaConf.create({"normalize": True, "backend": "torch", "k": 8, "kernel": "gaussian",
-                           "lengthscale": "auto", "ridge": 1e-3})
-GRID = OmegaConf.create({"k": [4, 8], "kernel": ["gaussian", "laplacian"], "lengthscale_mult": [1.0], "ridge": [1e-4]})
+SK = {"normalize": True, "backend": "torch", "k": 8, "kernel": "gaussian", "lengthscale": "auto", "ridge": 1e-3}
+GRID = {"k": [4, 8], "kernel": ["gaussian", "laplacian"], "lengthscale_mult": [1.0], "ridge": [1e-4]}
 QUIET = dict(progress=lambda it, **kw: it)
 
 
@@ -57,7 +56,7 @@ def test_sk_readout_with_the_test_points_as_support_is_exact(digits):
     backbone = create(SMALL_CNN)
     feats = extract_features(backbone, digits.x_test, batch_size=128, device="cpu", mean_std=digits.mean_std, **QUIET)
     assert len(torch.unique(F.normalize(feats, dim=1), dim=0)) == len(feats)  # no two test points coincide
-    res = sk_readout(feats, digits.y_test, feats[:100], digits.y_test[:100], feats, digits.y_test, 10, SK_CFG, GRID)
+    res = sk_readout(feats, digits.y_test, feats[:100], digits.y_test[:100], feats, digits.y_test, 10, grid=GRID, **SK)
     assert res.test_acc == 1.0
 
 
@@ -68,7 +67,7 @@ def test_sk_readout_is_chance_level_with_shuffled_support_labels(digits):
                              mean_std=digits.mean_std, **QUIET)
     y_shuffled = digits.y_test[torch.randperm(len(digits.y_test), generator=torch.Generator().manual_seed(1))]
     res = sk_readout(feats[:200], y_shuffled[:200], feats[200:], digits.y_test[200:], feats[200:],
-                     digits.y_test[200:], 10, SK_CFG, GRID)
+                     digits.y_test[200:], 10, grid=GRID, **SK)
     assert res.test_acc < 0.4
 
 
@@ -121,3 +120,29 @@ def test_training_through_the_sk_head_reaches_the_backbone(digits, support):
     assert count_params(head) == 0
     if support == "memory":
         assert len(head.bank_x) == 128 and not head.bank_x.requires_grad
+
+
+def _rows(tmp_path, marker: str) -> tuple[dict, dict]:
+    """(rows by readout, the record) of the one run whose command holds ``marker``."""
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs" / "cnn_readout").glob("**/*.json")]
+    (rec,) = [r for r in recs if marker in r["command"]]
+    return {r["keys"]["readout"]: r for r in rec["rows"]}, rec
+
+
+def test_sk_keys_on_the_command_line_reach_the_readouts(cli, tmp_path):
+    """sk.grid, sk.tune with the fixed setting, and sk.head each change what the run did (profile=smoke
+    holds sk.grid.k = [8, 16], kernel [gaussian], and sk.head.k = 16, kernel gaussian)."""
+    smoke = ["+exp=cnn_readout", "profile=smoke", "logger=none", "exp.curves=false", "exp.short_linear_control=false"]
+    cli(*smoke, "sk.grid.k=[12]", "sk.grid.kernel=[laplacian]")
+    cli(*smoke, "sk.tune=false", "sk.k=6", "sk.kernel=imq", "sk.lengthscale=0.7", "sk.head.k=4",
+        "sk.head.kernel=laplacian")
+    rows, rec = _rows(tmp_path, "sk.grid.k=[12]")
+    assert rec["profile"] == "smoke"
+    for name in ("sk_frozen", "sk_e2e"):  # chosen on validation from the command line's grid
+        assert rows[name]["info"]["chosen"].startswith("k=12, kernel=laplacian,"), rows[name]["info"]
+    assert rows["sk_e2e"]["info"]["head"].startswith("k=16, kernel=gaussian,")  # the overlay's head
+    rows, rec = _rows(tmp_path, "sk.tune=false")
+    for name in ("sk_frozen", "sk_e2e"):  # the fixed setting, not the grid
+        assert rows[name]["info"]["chosen"] == "k=6, kernel=imq, lengthscale=0.7, ridge=0.001", rows[name]["info"]
+    assert rows["sk_e2e"]["info"]["head"] == "k=4, kernel=laplacian, lengthscale=auto, ridge=0.001"
+    assert rec["config"]["sk"]["head"]["k"] == 4 and "sk_head" not in rec["config"]["exp"]

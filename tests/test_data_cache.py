@@ -7,6 +7,9 @@ import pytest
 import torch
 import torchvision
 
+import importlib.util
+
+from experiments.core import cache as cache_mod
 from experiments.core.cache import FeatureCache, cache_key, module_fingerprint
 from experiments.core.data import DataNotFoundError, load_cifar, load_dataset, load_fashion_mnist, train_val_split
 from omegaconf import OmegaConf
@@ -135,3 +138,77 @@ def test_module_fingerprint_tracks_weights():
     with torch.no_grad():
         m.weight[0, 0] += 1
     assert module_fingerprint(m) != before
+
+
+def _load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CALLER = """
+def features(cache, calls):
+    return cache.get_or_compute({"kind": "features", "data": "d"}, lambda: calls.append(1) or torch.ones(2) * VERSION)
+
+import torch
+VERSION = %d
+"""
+
+
+def test_edited_caller_code_is_not_served_old_artefacts(tmp_path):
+    """The key holds a fingerprint of the module that called the cache: editing it gives a new entry."""
+    cache, calls = FeatureCache(tmp_path / "cache"), []
+    path = tmp_path / "experiment_x.py"
+    path.write_text(CALLER % 1)
+    assert _load_module(path, "experiment_x").features(cache, calls).tolist() == [1.0, 1.0]
+    assert _load_module(path, "experiment_x").features(cache, calls).tolist() == [1.0, 1.0]
+    assert calls == [1]  # same code: reused
+    path.write_text(CALLER % 2)
+    assert _load_module(path, "experiment_x").features(cache, calls).tolist() == [2.0, 2.0]
+    assert calls == [1, 1]  # edited code: computed again, not the old artefact
+
+
+def test_edited_shared_code_changes_every_key(tmp_path, monkeypatch):
+    shared = tmp_path / "sk_copy"
+    shared.mkdir()
+    (shared / "krr.py").write_text("RIDGE = 1e-3\n")
+    monkeypatch.setattr(cache_mod, "SHARED_CODE", [shared])
+    cache = FeatureCache(tmp_path / "cache")
+    before = cache.path(BASE)
+    assert cache.path(BASE) == before
+    (shared / "krr.py").write_text("RIDGE = 1e-4\n")
+    assert cache.path(BASE) != before
+    (shared / "krr.py").write_text("RIDGE = 1e-3\n")
+    (shared / "new.py").write_text("")  # a new source file counts too
+    assert cache.path(BASE) != before
+
+
+def test_default_fingerprint_covers_the_library_core_backbones_and_callers():
+    names = {p.relative_to(cache_mod.ROOT).as_posix() for p in cache_mod.SHARED_CODE}
+    assert names == {"sk", "experiments/core", "experiments/backbones"}
+    assert cache_mod._caller_files()[0] == __file__
+    assert cache_mod.code_fingerprint([__file__]) != cache_mod.code_fingerprint([cache_mod.ROOT / "experiments" / "transfer.py"])
+
+
+def test_experiment_counts_when_a_shared_helper_asks_the_cache(tmp_path):
+    """The experiment on the call stack is fingerprinted even when a helper of experiments/core asks."""
+    cache = FeatureCache(tmp_path)
+    helper = {"cache": cache}
+    exec(compile("def features():\n    return cache.path({'kind': 'x'})\n",
+                 str(cache_mod.ROOT / "experiments" / "core" / "helper_for_test.py"), "exec"), helper)
+    paths = []
+    for experiment in ("transfer.py", "vit_probe.py"):
+        scope = {"features": helper["features"]}
+        exec(compile("def run():\n    return features()\n", str(cache_mod.ROOT / "experiments" / experiment), "exec"), scope)
+        paths.append(scope["run"]())
+    assert paths[0] != paths[1]
+
+
+def test_explicit_code_fingerprint(tmp_path):
+    a, b = FeatureCache(tmp_path, code="v1"), FeatureCache(tmp_path, code="v2")
+    assert a.path(BASE) == FeatureCache(tmp_path, code="v1").path(BASE) != b.path(BASE)
+    a.save(BASE, torch.zeros(1))
+    assert b.load(BASE) is None and a.load(BASE).tolist() == [0.0]
+    with pytest.raises(ValueError, match="_code"):
+        a.path({**BASE, "_code": "x"})

@@ -119,3 +119,73 @@ def test_optuna_sweep_over_sk_hyperparameters(cli, tmp_path):
     assert len(recs) == 3
     assert len({(r["config"]["sk"]["k"], r["config"]["sk"]["kernel"]) for r in recs}) >= 2
     assert "Best value" in proc.stdout + proc.stderr or (tmp_path / "multirun" / "optimization_results.yaml").exists()
+
+
+# ---------------------------------------------------------------------------- one home per knob (issue 11)
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, "paths.root=/tmp/x"])
+
+
+@pytest.mark.parametrize("exp, key, profile_value, cli_value", [
+    ("cnn_readout", "exp.train_size", 600, 500),
+    ("cnn_readout", "sk.grid.k", [8, 16], [12]),
+    ("vit_probe", "threads", 1, 2),
+    ("transfer", "backbone.img_size", 32, 40),
+])
+def test_the_command_line_wins_over_the_profile(exp, key, profile_value, cli_value):
+    from omegaconf import OmegaConf as OC
+
+    as_cli = f"[{','.join(map(str, cli_value))}]" if isinstance(cli_value, list) else str(cli_value)
+    assert OC.select(compose_cfg(f"+exp={exp}", "profile=smoke"), key) == profile_value  # the profile applies ...
+    cfg = compose_cfg(f"+exp={exp}", "profile=smoke", f"{key}={as_cli}")
+    assert OC.select(cfg, key) == cli_value  # ... and the command line overrides it
+    assert cfg.profile == "smoke"
+
+
+@pytest.mark.parametrize("args, key", [
+    (["+exp=smoke", "sk.kk=8"], "sk.kk"),                      # a typo
+    (["+exp=smoke", "sk.head.k=8"], "sk.head.k"),              # smoke trains no SK head
+    (["+exp=vit_probe", "sk.head.k=8"], "sk.head.k"),          # neither does vit_probe
+    (["+exp=cnn_readout", "exp.sk_head.k=8"], "exp.sk_head.k"),  # the head's old home: now sk.head
+    (["+exp=cnn_readout", "exp.sk_grid.k=[8]"], "exp.sk_grid.k"),
+    (["+exp=smoke", "data.val_size=10"], "data.val_size"),     # no experiment read it: cnn_readout has exp.val_size
+])
+def test_a_key_the_experiment_does_not_read_fails_and_names_it(cli, tmp_path, args, key):
+    proc = cli(*args, "logger=none", check=False)
+    assert proc.returncode != 0
+    assert f"Could not override '{key}'" in proc.stderr and "not in struct" in proc.stderr
+    assert not records_in(tmp_path, args[0].split("=")[1])
+
+
+def test_sk_overrides_reach_the_smoke_probe(cli, tmp_path):
+    cli("+exp=smoke", "logger=none", "profile=smoke", "sk.grid.k=[7]", "sk.grid.kernel=[laplacian]")
+    cli("+exp=smoke", "logger=none", "profile=smoke", "sk.tune=false", "sk.k=5", "sk.kernel=imq", "sk.ridge=0.5")
+    tuned, fixed = _by_command(records_in(tmp_path, "smoke"), "sk.grid.k=[7]")
+    assert tuned["profile"] == fixed["profile"] == "smoke"
+    chosen = {r["keys"]["probe"]: r["info"].get("chosen") for r in tuned["rows"]}
+    assert chosen["sk"].startswith("k=7, kernel=laplacian,")  # the smoke grid holds k = 8, 16 only
+    chosen = {r["keys"]["probe"]: r["info"].get("chosen") for r in fixed["rows"]}
+    assert chosen["sk"].startswith("k=5, kernel=imq,") and chosen["sk"].endswith("ridge=0.5")
+
+
+def _by_command(recs: list[dict], marker: str) -> tuple[dict, dict]:
+    """(the record whose command holds ``marker``, the other one)."""
+    (a,) = [r for r in recs if marker in r["command"]]
+    (b,) = [r for r in recs if marker not in r["command"]]
+    return a, b
+
+
+def test_a_profile_sweep_writes_one_record_per_profile(cli, tmp_path):
+    cli("-m", "+exp=smoke", "logger=none", "profile=quick,smoke", "sk.tune=false")
+    recs = records_in(tmp_path, "smoke")
+    assert sorted(r["profile"] for r in recs) == ["quick", "smoke"]
+    assert sorted(p.parent.name for p in (tmp_path / "results" / "runs" / "smoke").glob("*/*.json")) == ["quick", "smoke"]
+
+
+def test_an_hparams_search_the_experiment_cannot_serve_fails_before_running(cli, tmp_path):
+    proc = cli("-m", "+exp=transfer", "+hparams_search=sk_optuna", "logger=none", "hydra.sweeper.n_trials=1",
+               check=False)
+    assert proc.returncode != 0
+    assert "objective='val_acc' is not reported by experiment 'transfer'" in proc.stdout + proc.stderr
+    assert not records_in(tmp_path, "transfer")

@@ -1,8 +1,8 @@
 """Training-free transfer (experiments/transfer.py): packaged weights, one draw for all methods,
 support sets disjoint from the test images, leave-one-out SK tuning, and a run through the entry point."""
+import functools
 import json
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ import sk
 from experiments import transfer
 from experiments.backbones import create
 from experiments.backbones.efficientnet import FEATURE_DIM, packaged_weights_path
+from experiments.core.data import train_val_split
 
 
 @pytest.fixture
@@ -71,12 +72,6 @@ def _bank(test_ids=None, n_pool=100, d=8):
                          torch.arange(5000, 5040) if test_ids is None else test_ids)
 
 
-def _cfg():
-    with_sk = OmegaConf.load(Path(transfer.__file__).parents[1] / "configs" / "sk" / "default.yaml")
-    exp = OmegaConf.load(Path(transfer.__file__).parents[1] / "configs" / "exp" / "transfer.yaml").exp
-    return OmegaConf.create({"sk": with_sk, "exp": exp})
-
-
 class _Ctx:
     seed = 3
     device = torch.device("cpu")
@@ -85,18 +80,17 @@ class _Ctx:
         pass
 
 
-def test_every_method_sees_the_same_draw(monkeypatch):
+def test_every_method_sees_the_same_draw():
     seen = []
 
     def recorder(name):
-        def fn(task, cfg, ctx):
+        def fn(task):
             seen.append((name, task.n, task.support_ids.clone(), task.y.clone()))
             return transfer.ProbeResult(name, 0.5, None, 0.0, 0.0)
         return fn
 
-    monkeypatch.setattr(transfer, "METHODS", {m: recorder(m) for m in ["sk", "knn", "ncm", "linear"]})
     bank = _bank()
-    rows = transfer.evaluate(bank, [1, 5, "all"], ["sk", "knn", "ncm", "linear"], _cfg(), _Ctx())
+    rows = transfer.evaluate(bank, [1, 5, "all"], {m: recorder(m) for m in ["sk", "knn", "ncm", "linear"]}, _Ctx())
     draws = transfer.draw_labelled(bank.pool_y, [1, 5, "all"], _Ctx.seed)
     assert len(seen) == 12 and len(rows) == 12
     for name, n, ids, y in seen:
@@ -111,31 +105,86 @@ def test_support_never_holds_a_test_image():
     with pytest.raises(AssertionError, match="test images are in the support set"):
         transfer.assert_disjoint(torch.arange(10), torch.tensor([42, 7]))
     leaky = _bank(test_ids=torch.cat([torch.arange(1000, 1003), torch.arange(5000, 5037)]))
+    knn = functools.partial(transfer.run_knn, device=torch.device("cpu"), k=20, temperature=0.07)
     with pytest.raises(AssertionError, match="test images are in the support set"):
-        transfer.evaluate(leaky, ["all"], ["knn"], _cfg(), _Ctx())
+        transfer.evaluate(leaky, ["all"], {"knn": knn}, _Ctx())
 
 
-def test_sk_leave_one_out_matches_sparse_krr():
-    bank = _bank(n_pool=60)
-    x, y = F.normalize(bank.pool_x, dim=1), bank.pool_y
-    grid = OmegaConf.create({"k": [8], "kernel": ["laplacian"], "lengthscale_mult": [1.0], "ridge": [1e-2]})
-    chosen, acc = transfer.sk_loo_tune(x, y, 5, grid, max_points=1000, generator=torch.Generator().manual_seed(0))
-    # reference: each point predicted by sk.sparse_krr from the other 59 points
+def _brute_force_loo(x, y, num_classes, k, kernel, lengthscale, ridge) -> float:
+    """Each point predicted by sk.sparse_krr from the other points, one at a time."""
     hits = 0
     for i in range(len(x)):
         rest = torch.cat([torch.arange(i), torch.arange(i + 1, len(x))])
-        f = sk.sparse_krr(x[i:i + 1], x[rest], F.one_hot(y[rest], 5).float(), k=8, kernel="laplacian",
-                          lengthscale=chosen["lengthscale"], ridge=1e-2)
+        f = sk.sparse_krr(x[i:i + 1], x[rest], F.one_hot(y[rest], num_classes).float(), k=k, kernel=kernel,
+                          lengthscale=lengthscale, ridge=ridge)
         hits += int(f.argmax(1).item() == y[i])
-    assert chosen["k"] == 8 and chosen["lengthscale"] == pytest.approx(sk.auto_lengthscale(x, k=8))
-    assert acc == pytest.approx(hits / len(x))
+    return hits / len(x)
 
 
-def test_stratified_split_keeps_every_class_on_both_sides():
+def test_sk_leave_one_out_matches_a_brute_force_leave_one_out():
+    bank = _bank(n_pool=60)
+    x, y = F.normalize(bank.pool_x, dim=1), bank.pool_y
+    grid = {"k": [4, 8], "kernel": ["laplacian", "gaussian"], "lengthscale_mult": [0.5, 2.0], "ridge": [1e-2]}
+    chosen, acc = transfer.sk_loo_tune(x, y, 5, max_points=1000, generator=torch.Generator().manual_seed(0), **grid)
+    brute = {}
+    for k in grid["k"]:
+        auto = sk.auto_lengthscale(x, k=k)
+        for kernel in grid["kernel"]:
+            for mult in grid["lengthscale_mult"]:
+                brute[(k, kernel, mult)] = _brute_force_loo(x, y, 5, k, kernel, auto * mult, 1e-2)
+    assert len(set(brute.values())) > 1  # the grid entries differ, so the choice means something
+    best = max(brute.values())
+    first_best = next(key for key, v in brute.items() if v == best)  # ties: the first in grid order
+    assert acc == pytest.approx(best)
+    assert (chosen["k"], chosen["kernel"]) == first_best[:2]
+    assert chosen["lengthscale"] == pytest.approx(sk.auto_lengthscale(x, k=first_best[0]) * first_best[2])
+
+
+def test_sk_leave_one_out_on_a_subset_keeps_every_point_in_the_support():
+    bank = _bank(n_pool=60)
+    x, y = F.normalize(bank.pool_x, dim=1), bank.pool_y
+    grid = {"k": [6], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}
+    g = torch.Generator().manual_seed(5)
+    chosen, acc = transfer.sk_loo_tune(x, y, 5, max_points=20, generator=g, **grid)
+    q = torch.randperm(60, generator=torch.Generator().manual_seed(5))[:20]
+    hits = 0
+    for i in q.tolist():
+        rest = torch.cat([torch.arange(i), torch.arange(i + 1, 60)])
+        f = sk.sparse_krr(x[i:i + 1], x[rest], F.one_hot(y[rest], 5).float(), k=6, kernel="gaussian",
+                          lengthscale=chosen["lengthscale"], ridge=1e-3)
+        hits += int(f.argmax(1).item() == y[i])
+    assert acc == pytest.approx(hits / 20)
+
+
+def test_stratified_validation_split_keeps_every_class_on_both_sides():
     y = torch.arange(4).repeat(5)
-    fit, val = transfer.stratified_split(y, 0.2, torch.Generator().manual_seed(0))
+    fit, val = train_val_split(len(y), 0.2, torch.Generator().manual_seed(0), stratify=y)
     assert set(y[val].tolist()) == set(y[fit].tolist()) == {0, 1, 2, 3}
     assert len(set(fit.tolist()) & set(val.tolist())) == 0 and len(fit) + len(val) == 20
+    assert torch.bincount(y[val]).tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="class 3 has 1"):
+        train_val_split(5, 0.2, 0, stratify=torch.tensor([0, 0, 1, 1, 3]))
+
+
+def _sk_rows(tmp_path, marker: str) -> dict:
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs" / "transfer").glob("**/*.json")]
+    (rec,) = [r for r in recs if marker in r["command"]]
+    assert rec["profile"] == "smoke"
+    return {r["keys"]["shots"]: r["info"]["chosen"] for r in rec["rows"] if r["keys"]["method"] == "sk"}
+
+
+def test_sk_keys_on_the_command_line_reach_the_sk_rows(cli, tmp_path):
+    """sk.grid reaches the leave-one-out (n >= exp.sk_tune_min_shots); sk.tune=false gives the fixed
+    setting at every n; the fixed setting is used below sk_tune_min_shots either way."""
+    smoke = ["+exp=transfer", "profile=smoke", "logger=none", "exp.methods=[sk]", "exp.within=false"]
+    cli(*smoke, "sk.grid.k=[7]", "sk.grid.kernel=[imq]", "sk.k=3")
+    cli(*smoke, "sk.tune=false", "sk.k=6", "sk.kernel=laplacian")
+    tuned = _sk_rows(tmp_path, "sk.grid.k=[7]")
+    assert tuned[1].startswith("rule=fixed, k=3, kernel=gaussian,")
+    assert tuned[5].startswith("rule=loo, k=7, kernel=imq,") and tuned["all"].startswith("rule=loo, k=7, kernel=imq,")
+    fixed = _sk_rows(tmp_path, "sk.tune=false")
+    assert set(fixed) == {1, 5, "all"}
+    assert all(c.startswith("rule=fixed, k=6, kernel=laplacian,") for c in fixed.values()), fixed
 
 
 def test_run_through_entry_point_caches_features_across_seeds(cli, tmp_path):

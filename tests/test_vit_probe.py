@@ -11,6 +11,7 @@ import experiments.vit_probe as vp
 from experiments.backbones import create
 from experiments.backbones.vit import block_hooks
 from experiments.core import probes
+from experiments.core.data import train_val_split
 from experiments.core.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,12 +103,11 @@ def test_each_probe_reaches_100_percent_on_separable_data():
     y = torch.arange(4).repeat_interleave(30)
     x = centers[y] + 0.5 * torch.randn(len(y), 16, generator=g)
     lab = torch.arange(len(y)) % 3 != 0
-    fit_idx, val_idx = probes.split_fit_val(int(lab.sum()), 0.25, g)
-    exp = OmegaConf.create({"linear_c_grid": [0.01, 1.0, 100.0], "linear_max_iter": 50, "knn_k": 5,
-                            "knn_temperature": 0.07})
-    cfg_sk = OmegaConf.create({"tune": True, "normalize": True, "backend": "torch",
-                               "grid": {"k": [4, 8], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}})
-    results = vp.run_probes(x[lab], y[lab], x[~lab], y[~lab], 4, fit_idx, val_idx, cfg_sk, exp)
+    fit_idx, val_idx = train_val_split(int(lab.sum()), 0.25, g)
+    sk_kw = {"k": 8, "kernel": "gaussian", "lengthscale": "auto", "ridge": 1e-3, "normalize": True, "backend": "torch",
+             "grid": {"k": [4, 8], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}}
+    results = vp.run_probes(x[lab], y[lab], x[~lab], y[~lab], 4, fit_idx, val_idx, sk=sk_kw,
+                            c_grid=[0.01, 1.0, 100.0], max_iter=50, knn_k=5, knn_temperature=0.07)
     assert [r.name for r in results] == ["linear", "knn", "sk"]
     assert all(r.test_acc == 1.0 for r in results), [(r.name, r.test_acc) for r in results]
 
@@ -132,7 +132,7 @@ def test_all_probes_get_the_same_split_and_features_and_the_seed_leaves_pretrain
             seen = {"train_x": train_x.clone(), "train_y": train_y.clone(), "test_x": test_x.clone(),
                     "test_y": test_y.clone()}
             if name in ("linear", "sk"):
-                fit, val = (args[1], args[2]) if name == "sk" else (args[0], args[1])
+                fit, val = (kwargs["fit_idx"], kwargs["val_idx"]) if name == "sk" else (args[0], args[1])
                 seen.update(fit_idx=fit.clone(), val_idx=val.clone())
             calls.append((name, seen))
             return real(train_x, train_y, test_x, test_y, num_classes, *args, **kwargs)
@@ -188,3 +188,21 @@ def test_cli_run_writes_a_record(cli, tmp_path):
     assert {r["keys"]["probe"] for r in rec["rows"]} == {"linear", "knn", "sk"}
     assert {(r["keys"]["block"], r["keys"]["token"]) for r in rec["rows"]} == {(2, "mean")}
     assert rec["curves"]["sk-mean"]["x"] == [2]
+
+
+def test_sk_keys_on_the_command_line_reach_the_sk_probe(cli, tmp_path):
+    """profile=smoke holds sk.grid.k = [5, 10]: a grid of its own and the fixed setting both show in every
+    SK row of the record."""
+    smoke = ["+exp=vit_probe", "profile=smoke", "logger=none", "exp.tokens=[mean]"]
+    cli(*smoke, "sk.grid.k=[7]", "sk.grid.kernel=[laplacian]")
+    cli(*smoke, "sk.tune=false", "sk.k=3", "sk.kernel=imq", "sk.ridge=0.25")
+    recs = records(tmp_path)
+    (tuned,) = [r for r in recs if "sk.grid.k=[7]" in r["command"]]
+    (fixed,) = [r for r in recs if "sk.tune=false" in r["command"]]
+    for rec, prefix in ((tuned, "k=7, kernel=laplacian,"), (fixed, "k=3, kernel=imq,")):
+        assert rec["profile"] == "smoke"
+        sk_rows = [r for r in rec["rows"] if r["keys"]["probe"] == "sk"]
+        assert len(sk_rows) == 2  # two blocks, one token
+        assert all(r["info"]["chosen"].startswith(prefix) for r in sk_rows), [r["info"] for r in sk_rows]
+    assert all(r["info"]["chosen"].endswith("ridge=0.25") for r in fixed["rows"] if r["keys"]["probe"] == "sk")
+    assert fixed["summary"]["val_acc"] == max(r["metrics"]["val_acc"] for r in fixed["rows"] if r["keys"]["probe"] == "sk")

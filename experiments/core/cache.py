@@ -1,20 +1,31 @@
 """On-disk cache of expensive artefacts (frozen-backbone features, pretrained checkpoints).
 
 An entry's key is a SHA-256 over a canonical JSON of everything that determines it: the backbone and
-its configuration, a fingerprint of its weights, the data split and the preprocessing. A changed part
-gives a new key, so a stale entry is never reused. Each entry stores its key parts beside it and they
-are checked again on load.
+its configuration, a fingerprint of its weights, the data split and the preprocessing, which the caller
+passes as ``parts``, and the code that computed it, which ``FeatureCache`` adds by itself: a fingerprint
+of the project's shared sources (``sk/``, ``experiments/core/``, ``experiments/backbones/``), of the
+module that called the cache and of every project module on the call stack (the experiment, however it
+reached the cache), and of the torch version. A changed part or an edited
+source file gives a new key, so a stale entry is never reused (old entries stay on disk until
+``make clean``). Each entry stores its key parts beside it and they are checked again on load.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
+
+from experiments.core.atomic import atomic_write
+
+ROOT = Path(__file__).resolve().parents[2]
+# Sources whose code can change any artefact: the library, the shared run machinery, the backbones.
+SHARED_CODE = [ROOT / "sk", ROOT / "experiments" / "core", ROOT / "experiments" / "backbones"]
+# Project code whose modules count when they are on the call stack of a cache request.
+PROJECT_CODE = [ROOT / "sk", ROOT / "experiments", ROOT / "scripts"]
 
 
 def _canonical(obj: Any) -> Any:
@@ -60,44 +71,88 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-class FeatureCache:
-    """``get_or_compute(parts, fn)`` returns ``fn()``'s result, computed once per distinct ``parts``."""
+def source_fingerprint(paths: Iterable[str | Path]) -> str:
+    """Hash of the ``.py`` files at ``paths`` (files, or folders searched recursively): names and contents."""
+    h = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(f.relative_to(ROOT).as_posix().encode() if f.is_relative_to(ROOT) else f.name.encode())
+            h.update(f.read_bytes() if f.is_file() else b"<no file>")
+    return h.hexdigest()
 
-    def __init__(self, root: str | Path, enabled: bool = True):
+
+def code_fingerprint(callers: Iterable[str | Path] = ()) -> str:
+    """Fingerprint of the code behind an artefact: ``SHARED_CODE``, the ``callers``' files, torch's version."""
+    paths = SHARED_CODE + sorted({Path(c) for c in callers})
+    return cache_key({"sources": source_fingerprint(paths), "torch": torch.__version__})
+
+
+def _caller_files() -> list[str]:
+    """The files of the code that asked the cache: the innermost frame outside this module (wherever it
+    is), and every frame of project code (``PROJECT_CODE``) above it."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    files = [frame.f_code.co_filename] if frame is not None else []
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if any(Path(name).is_relative_to(p) for p in PROJECT_CODE):
+            files.append(name)
+        frame = frame.f_back
+    return files
+
+
+class FeatureCache:
+    """``get_or_compute(parts, fn)`` returns ``fn()``'s result, computed once per distinct ``parts`` and code.
+
+    ``code``: None (the default) keys every entry by ``code_fingerprint`` of the code asking the cache
+    (``_caller_files``); a string replaces that fingerprint (a caller that fingerprints its code itself).
+    """
+
+    def __init__(self, root: str | Path, enabled: bool = True, code: str | None = None):
         self.root = Path(root)
         self.enabled = enabled
+        self.code = code
+
+    def _keyed(self, parts: dict[str, Any]) -> dict[str, Any]:
+        if "_code" in parts:
+            raise ValueError("cache parts may not use the name '_code': the cache adds the code fingerprint")
+        return {**parts, "_code": self.code if self.code is not None else code_fingerprint(_caller_files())}
 
     def path(self, parts: dict[str, Any]) -> Path:
-        key = cache_key(parts)
-        name = str(parts.get("kind", "entry"))
-        return self.root / name / f"{key}.pt"
+        return self._path(self._keyed(parts))
+
+    def _path(self, keyed: dict[str, Any]) -> Path:
+        return self.root / str(keyed.get("kind", "entry")) / f"{cache_key(keyed)}.pt"
 
     def load(self, parts: dict[str, Any]) -> Any | None:
-        p = self.path(parts)
+        return self._load(self._keyed(parts))
+
+    def _load(self, keyed: dict[str, Any]) -> Any | None:
+        p = self._path(keyed)
         if not (self.enabled and p.exists()):
             return None
         entry = torch.load(p, map_location="cpu", weights_only=False)
-        if entry.get("parts") != json.loads(json.dumps(_canonical(parts), default=str)):
+        if entry.get("parts") != json.loads(json.dumps(_canonical(keyed), default=str)):
             raise RuntimeError(f"cache entry {p} does not match its key parts; delete it and rerun")
         return entry["value"]
 
     def save(self, parts: dict[str, Any], value: Any) -> Path:
-        p = self.path(parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"parts": json.loads(json.dumps(_canonical(parts), default=str)), "value": value}, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        return self._save(self._keyed(parts), value)
+
+    def _save(self, keyed: dict[str, Any], value: Any) -> Path:
+        p = self._path(keyed)
+        with atomic_write(p) as tmp:
+            torch.save({"parts": json.loads(json.dumps(_canonical(keyed), default=str)), "value": value}, tmp)
         return p
 
     def get_or_compute(self, parts: dict[str, Any], fn: Callable[[], Any]) -> Any:
-        value = self.load(parts)
+        keyed = self._keyed(parts)  # fingerprinted once, before fn() runs
+        value = self._load(keyed)
         if value is None:
             value = fn()
             if self.enabled:
-                self.save(parts, value)
+                self._save(keyed, value)
         return value

@@ -176,12 +176,39 @@ def load_dataset(cfg_data) -> ImageData:
     raise ValueError(f"unknown data set {name!r}: known are fashion_mnist, cifar10, cifar100, digits")
 
 
-def train_val_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (train, val) of a seeded random validation split carved from ``n`` training examples."""
-    if not 0 < val_size < n:
-        raise ValueError(f"val_size must be between 1 and {n - 1}, got {val_size}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[val_size:].sort().values, perm[:val_size].sort().values
+def train_val_split(n: int, val: int | float, seed: int | torch.Generator, *,
+                    stratify: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices (train, val) of a random validation split of ``n`` examples: the one splitter.
+
+    Args:
+        n: number of examples (indices 0..n-1).
+        val: an int is the number of validation examples; a float in (0, 1) their share,
+            ``max(1, round(val * n))`` (per class with ``stratify``), as in scikit-learn's
+            ``train_test_split``.
+        seed: an int (a fresh generator seeded with it) or a ``torch.Generator`` to draw from.
+        stratify: labels (n,): split each class on its own, keeping at least one example of every class
+            on both sides (needs a float ``val`` and two examples a class).
+    """
+    g = torch.Generator().manual_seed(seed) if isinstance(seed, int) else seed
+    if stratify is not None:
+        if not isinstance(val, float) or len(stratify) != n:
+            raise ValueError("a stratified split needs a float share val and n labels")
+        train, held = [], []
+        for c in stratify.unique().tolist():
+            idx = (stratify == c).nonzero().flatten()
+            if len(idx) < 2:
+                raise ValueError(f"class {c} has {len(idx)} labelled example(s): no validation split possible")
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            n_val = min(max(1, round(val * len(idx))), len(idx) - 1)
+            held.append(idx[:n_val])
+            train.append(idx[n_val:])
+        return torch.cat(train).sort().values, torch.cat(held).sort().values
+    n_val = val if isinstance(val, int) else max(1, round(val * n))
+    if not 0 < n_val < n:
+        raise ValueError(f"a validation split of {n_val} from {n} examples leaves no training examples "
+                         f"(or none for validation): it must be between 1 and {n - 1}")
+    perm = torch.randperm(n, generator=g)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 def to_float(x: torch.Tensor, mean_std: tuple | None = None, channels: int | None = None,

@@ -1,12 +1,16 @@
 """Readouts on fixed features, shared by the experiments so that every probe sees the same data.
 
+Every function here takes tensors and plain keyword arguments, never a config node: the experiment
+turns ``cfg.sk`` into keyword arguments once (``experiments.core.config.sk_options``).
+
 Each probe takes labelled features (``train``, split further into fit/validation where it tunes
 something) and test features, and returns a ``ProbeResult`` with test accuracy, the validation score
 that chose its hyperparameters, and its fit and predict seconds.
 
 - ``sk_probe``: the SK classifier (no training). k, kernel, lengthscale (a multiple of
-  ``sk.auto_lengthscale``) and ridge are picked on the validation split with one shared neighbour
-  search, or taken as given with ``sk.tune=false``. The final support is all labelled examples.
+  ``sk.auto_lengthscale``) and ridge are picked from a grid on the validation split with one shared
+  neighbour search (``tune_sk``), or taken as given (the fixed setting). The final support is all
+  labelled examples (``refit=False``: the fit part only).
 - ``knn_probe``: DINO's weighted k-NN vote (L2-normalised, cosine, k=20, T=0.07).
 - ``linear_probe``: multinomial logistic regression, L2 strength C swept over a log grid on the
   validation split (Ericsson et al., 2021), then refitted on all labelled examples.
@@ -55,43 +59,49 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred.cpu() == y.cpu()).float().mean())
 
 
-def split_fit_val(n: int, val_frac: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stratification-free random split of ``n`` labelled examples into fit and validation indices."""
-    n_val = max(1, int(round(n * val_frac)))
-    if n_val >= n:
-        raise ValueError(f"cannot carve a validation split from {n} labelled examples")
-    perm = torch.randperm(n, generator=generator)
-    return perm[n_val:], perm[:n_val]
-
-
 def _prep(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(x, dim=1) if normalize else x
 
 
 def sk_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-             num_classes: int, cfg_sk, fit_idx: torch.Tensor | None = None, val_idx: torch.Tensor | None = None,
-             ) -> ProbeResult:
-    """SK classifier on fixed features; hyperparameters from ``cfg_sk`` (tuned on val when ``tune``)."""
-    normalize = bool(cfg_sk.get("normalize", True))
+             num_classes: int, *, k: int = 32, kernel: str = "gaussian", lengthscale: float | str = "auto",
+             ridge: float = 1e-3, grid: dict[str, list] | None = None, fit_idx: torch.Tensor | None = None,
+             val_idx: torch.Tensor | None = None, refit: bool = True, normalize: bool = True,
+             backend: str = "torch") -> ProbeResult:
+    """SK classifier on fixed features (one-hot targets, argmax of the scores).
+
+    Args:
+        train_x, train_y: the labelled examples; test_x, test_y: what is read out.
+        k, kernel, lengthscale, ridge: the fixed setting, used when ``grid`` is None (``lengthscale="auto"``:
+            ``sk.auto_lengthscale`` of the support).
+        grid: ``{"k", "kernel", "lengthscale_mult", "ridge"}`` lists: the setting is chosen on the
+            validation split instead (``tune_sk``: support ``train[fit_idx]``, scored on ``train[val_idx]``).
+        fit_idx, val_idx: the validation split; with the fixed setting it only reports ``val_acc``.
+        refit: the support of the test predictions: every labelled example (True) or the fit part only.
+        normalize: L2-normalise the features first; backend: the neighbour search (``sk.knn_search``).
+
+    ``fit_s`` is the selection time (SK fits nothing); ``chosen`` the setting used.
+    """
     x_all = _prep(train_x.float(), normalize)
     z_test = _prep(test_x.float(), normalize)
-    backend = cfg_sk.get("backend", "torch")
+    has_val = fit_idx is not None and val_idx is not None
     t0 = time.perf_counter()
     val_acc = None
-    if cfg_sk.get("tune", True):
-        if fit_idx is None or val_idx is None:
-            raise ValueError("sk_probe with sk.tune=true needs fit_idx and val_idx (a validation split)")
+    if grid is not None:
+        if not has_val:
+            raise ValueError("sk_probe with a grid needs fit_idx and val_idx (a validation split)")
         chosen, val_acc = tune_sk(x_all[fit_idx], train_y[fit_idx], x_all[val_idx], train_y[val_idx],
-                                  num_classes, cfg_sk.grid, backend=backend)
+                                  num_classes, backend=backend, **grid)
     else:
-        ls = cfg_sk.lengthscale
-        chosen = {"k": int(cfg_sk.k), "kernel": str(cfg_sk.kernel),
-                  "lengthscale": float(sk.auto_lengthscale(x_all, k=int(cfg_sk.k))) if ls == "auto" else float(ls),
-                  "ridge": float(cfg_sk.ridge)}
-        if fit_idx is not None and val_idx is not None:
+        support = x_all if refit or not has_val else x_all[fit_idx]
+        ls = float(sk.auto_lengthscale(support, k=int(k))) if lengthscale == "auto" else float(lengthscale)
+        chosen = {"k": int(k), "kernel": str(kernel), "lengthscale": ls, "ridge": float(ridge)}
+        if has_val:
             val_acc = accuracy(_sk_predict(x_all[fit_idx], train_y[fit_idx], x_all[val_idx], num_classes,
                                            chosen, backend), train_y[val_idx])
-    fit_s = time.perf_counter() - t0  # SK fits nothing: this is hyperparameter selection only
+    fit_s = time.perf_counter() - t0
+    if not refit and has_val:
+        x_all, train_y = x_all[fit_idx], train_y[fit_idx]
     t0 = time.perf_counter()
     pred = _sk_predict(x_all, train_y, z_test, num_classes, chosen, backend)
     predict_s = time.perf_counter() - t0
@@ -107,19 +117,30 @@ def _sk_predict(x, y, z, num_classes, chosen, backend="torch", indices=None) -> 
     return scores.argmax(dim=1)
 
 
-def tune_sk(x_fit, y_fit, x_val, y_val, num_classes, grid, backend="torch") -> tuple[dict[str, Any], float]:
-    """Grid search of (k, kernel, lengthscale multiple, ridge) on a validation split; one neighbour search."""
-    ks = sorted(int(k) for k in grid.k)
-    k_max = min(ks[-1], len(x_fit))
-    with torch.no_grad():
-        _, idx = sk.knn_search(x_val, x_fit, k_max, backend=backend)
+def tune_sk(x_fit, y_fit, x_val, y_val, num_classes, *, k: list[int], kernel: list[str],
+            lengthscale_mult: list[float], ridge: list[float], backend: str = "torch",
+            indices: torch.Tensor | None = None) -> tuple[dict[str, Any], float]:
+    """Grid search of (k, kernel, lengthscale multiple, ridge): SK from ``x_fit`` scored on ``x_val``.
+
+    One neighbour search serves the whole grid (``sk.sparse_krr(..., indices=)``). ``indices``: the
+    neighbours of each validation point among ``x_fit``, sorted by distance (default: ``sk.knn_search``
+    with max(k) neighbours); a leave-one-out passes each point's neighbours with the point itself
+    removed, and then k is capped at their number. The lengthscale tried is
+    ``mult * sk.auto_lengthscale(x_fit, k)``; ties go to the first setting in grid order (k ascending,
+    then kernel, multiple, ridge as given). Returns (setting, validation accuracy).
+    """
+    ks = sorted(int(v) for v in k)
+    if indices is None:
+        with torch.no_grad():
+            _, indices = sk.knn_search(x_val, x_fit, min(ks[-1], len(x_fit)), backend=backend)
+    k_max = min(ks[-1], indices.shape[1])
     best, best_acc = None, -1.0
-    for k in ks:
-        k_eff = min(k, k_max)
+    for k_try in ks:
+        k_eff = min(k_try, k_max)
         auto = float(sk.auto_lengthscale(x_fit, k=k_eff))
-        for kernel, mult, ridge in itertools.product(grid.kernel, grid.lengthscale_mult, grid.ridge):
-            chosen = {"k": k_eff, "kernel": str(kernel), "lengthscale": auto * float(mult), "ridge": float(ridge)}
-            acc = accuracy(_sk_predict(x_fit, y_fit, x_val, num_classes, chosen, backend, indices=idx), y_val)
+        for kern, mult, lam in itertools.product(kernel, lengthscale_mult, ridge):
+            chosen = {"k": k_eff, "kernel": str(kern), "lengthscale": auto * float(mult), "ridge": float(lam)}
+            acc = accuracy(_sk_predict(x_fit, y_fit, x_val, num_classes, chosen, backend, indices=indices), y_val)
             if acc > best_acc + 1e-12:
                 best, best_acc = chosen, acc
     return best, best_acc

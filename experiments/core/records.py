@@ -7,32 +7,18 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from experiments.core.atomic import atomic_write
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Write ``obj`` as indented JSON, atomically (``experiments.core.atomic.atomic_write``)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(o: Any) -> Any:
@@ -46,14 +32,37 @@ def _json_default(o: Any) -> Any:
 
 
 def git_commit(root: Path | str = ".") -> str:
+    """HEAD's commit, with ``-dirty`` when files outside ``results/`` differ from it: changed tracked files,
+    or new files git does not ignore (a new module the run imported). ``results/`` holds what the runs
+    wrote: a rebuilt table or a new record does not change the code of the next run."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal", "--", ":/",
+                                ":(top,exclude)results"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def uncommitted_reason(commit: str, root: Path | str = ".") -> str | None:
+    """Why the code of a record's ``git_commit`` cannot be checked out from ``root``'s history, or None.
+
+    A record is from committed code when its commit is clean (no ``-dirty`` mark), known, and an
+    ancestor of (or equal to) ``root``'s HEAD.
+    """
+    if not commit or commit == "unknown":
+        return "unknown commit (written outside a git checkout)"
+    if commit.endswith("-dirty"):
+        return f"{commit[:12]} with uncommitted changes (-dirty)"
+    try:
+        out = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{commit[:12]}: git could not be asked ({e})"
+    if out.returncode != 0:
+        return f"{commit[:12]} is not in this repository's history"
+    return None
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:

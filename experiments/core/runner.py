@@ -99,6 +99,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     seed_everything(int(cfg.seed))
     device = pick_device(str(cfg.device))
     module = importlib.import_module(f"experiments.{name}")
+    check_objective(cfg.get("objective"), module, name)
 
     command, out_dir, sweep = _hydra_info()
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -146,6 +147,18 @@ def run_experiment(cfg: DictConfig) -> float | None:
                              f"{sorted(result.get('summary', {}))}")
         return float(result["summary"][objective])
     return None
+
+
+def check_objective(objective: str | None, module: Any, name: str) -> None:
+    """Refuse an hparams search whose objective the experiment never reports, before it runs.
+
+    An experiment module lists what a search may maximise in ``OBJECTIVES`` (summary keys); one without
+    the list is checked after its first run instead.
+    """
+    known = getattr(module, "OBJECTIVES", None)
+    if objective and known is not None and objective not in known:
+        raise ValueError(f"objective={objective!r} is not reported by experiment {name!r} "
+                         f"(it reports: {', '.join(known) or 'none'}), so a search cannot maximise it")
 
 
 def check_result(result: Any, name: str) -> None:
