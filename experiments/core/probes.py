@@ -40,11 +40,22 @@ class ProbeResult:
     predict_s: float
     chosen: dict[str, Any] = field(default_factory=dict)
     pred: torch.Tensor | None = None
+    select_s: float = 0.0            # seconds spent choosing hyperparameters on validation (0: a fixed setting)
+    settings_tried: int = 1          # settings evaluated to choose them (1: a fixed setting)
+    grid: list[dict[str, Any]] | None = None  # SK: the validation score of every grid setting (tune_sk's scores)
 
     def metrics(self) -> dict[str, float]:
-        out = {"test_acc": self.test_acc, "fit_s": self.fit_s, "predict_s": self.predict_s}
+        out = {"test_acc": self.test_acc, "fit_s": self.fit_s, "predict_s": self.predict_s,
+               "select_s": self.select_s, "settings_tried": self.settings_tried}
         if self.val_acc is not None:
             out["val_acc"] = self.val_acc
+        return out
+
+    def row(self, keys: dict[str, Any], info: dict[str, str] | None = None) -> dict[str, Any]:
+        """A table row (``{"keys", "metrics", "info"}``, plus ``sk_grid`` when a grid was scored)."""
+        out = {"keys": keys, "metrics": self.metrics(), "info": {**self.info(), **(info or {})}}
+        if self.grid is not None:
+            out["sk_grid"] = self.grid
         return out
 
     def info(self) -> dict[str, str]:
@@ -86,12 +97,13 @@ def sk_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     z_test = _prep(test_x.float(), normalize)
     has_val = fit_idx is not None and val_idx is not None
     t0 = time.perf_counter()
-    val_acc = None
+    val_acc, scores = None, None
     if grid is not None:
         if not has_val:
             raise ValueError("sk_probe with a grid needs fit_idx and val_idx (a validation split)")
+        scores = []
         chosen, val_acc = tune_sk(x_all[fit_idx], train_y[fit_idx], x_all[val_idx], train_y[val_idx],
-                                  num_classes, backend=backend, **grid)
+                                  num_classes, backend=backend, scores=scores, **grid)
     else:
         support = x_all if refit or not has_val else x_all[fit_idx]
         ls = float(sk.auto_lengthscale(support, k=int(k))) if lengthscale == "auto" else float(lengthscale)
@@ -104,8 +116,17 @@ def sk_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
         x_all, train_y = x_all[fit_idx], train_y[fit_idx]
     t0 = time.perf_counter()
     pred = _sk_predict(x_all, train_y, z_test, num_classes, chosen, backend)
-    predict_s = time.perf_counter() - t0
-    return ProbeResult("sk", accuracy(pred, test_y), val_acc, fit_s, predict_s, chosen, pred)
+    predict_s = _elapsed(t0, pred)
+    return ProbeResult("sk", accuracy(pred, test_y), val_acc, fit_s, predict_s, chosen, pred,
+                       select_s=fit_s if scores is not None else 0.0,
+                       settings_tried=len(scores) if scores is not None else 1, grid=scores)
+
+
+def _elapsed(t0: float, result: torch.Tensor) -> float:
+    """Seconds since ``t0`` once ``result`` is computed: CUDA work is asynchronous, so synchronise first."""
+    if result.device.type == "cuda":
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - t0
 
 
 def _sk_predict(x, y, z, num_classes, chosen, backend="torch", indices=None) -> torch.Tensor:
@@ -119,7 +140,7 @@ def _sk_predict(x, y, z, num_classes, chosen, backend="torch", indices=None) -> 
 
 def tune_sk(x_fit, y_fit, x_val, y_val, num_classes, *, k: list[int], kernel: list[str],
             lengthscale_mult: list[float], ridge: list[float], backend: str = "torch",
-            indices: torch.Tensor | None = None) -> tuple[dict[str, Any], float]:
+            indices: torch.Tensor | None = None, scores: list | None = None) -> tuple[dict[str, Any], float]:
     """Grid search of (k, kernel, lengthscale multiple, ridge): SK from ``x_fit`` scored on ``x_val``.
 
     One neighbour search serves the whole grid (``sk.sparse_krr(..., indices=)``). ``indices``: the
@@ -127,7 +148,9 @@ def tune_sk(x_fit, y_fit, x_val, y_val, num_classes, *, k: list[int], kernel: li
     with max(k) neighbours); a leave-one-out passes each point's neighbours with the point itself
     removed, and then k is capped at their number. The lengthscale tried is
     ``mult * sk.auto_lengthscale(x_fit, k)``; ties go to the first setting in grid order (k ascending,
-    then kernel, multiple, ridge as given). Returns (setting, validation accuracy).
+    then kernel, multiple, ridge as given). Returns (setting, validation accuracy). ``scores``: a list
+    that receives every setting's ``{"k", "kernel", "lengthscale_mult", "lengthscale", "ridge", "val_acc"}``
+    (the sensitivity of the choice; ``scripts/make_tables.py`` draws it).
     """
     ks = sorted(int(v) for v in k)
     if indices is None:
@@ -141,6 +164,9 @@ def tune_sk(x_fit, y_fit, x_val, y_val, num_classes, *, k: list[int], kernel: li
         for kern, mult, lam in itertools.product(kernel, lengthscale_mult, ridge):
             chosen = {"k": k_eff, "kernel": str(kern), "lengthscale": auto * float(mult), "ridge": float(lam)}
             acc = accuracy(_sk_predict(x_fit, y_fit, x_val, num_classes, chosen, backend, indices=indices), y_val)
+            if scores is not None:
+                scores.append({"k": k_eff, "kernel": str(kern), "lengthscale_mult": float(mult),
+                               "lengthscale": chosen["lengthscale"], "ridge": float(lam), "val_acc": acc})
             if acc > best_acc + 1e-12:
                 best, best_acc = chosen, acc
     return best, best_acc
@@ -152,7 +178,7 @@ def knn_probe(train_x, train_y, test_x, test_y, num_classes, k: int = 20, temper
     with torch.no_grad():
         scores = sk.weighted_knn(test_x.float(), train_x.float(), train_y, num_classes, k=k, temperature=temperature)
     pred = scores.argmax(dim=1)
-    return ProbeResult("knn", accuracy(pred, test_y), None, 0.0, time.perf_counter() - t0,
+    return ProbeResult("knn", accuracy(pred, test_y), None, 0.0, _elapsed(t0, pred),
                        {"k": min(k, len(train_x)), "T": temperature}, pred)
 
 
@@ -163,10 +189,10 @@ def ncm_probe(train_x, train_y, test_x, test_y, num_classes) -> ProbeResult:
     means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, train_y.long(), x)
     counts = torch.bincount(train_y.long(), minlength=num_classes).clamp_min(1).unsqueeze(1)
     means = F.normalize(means / counts, dim=1)
-    fit_s = time.perf_counter() - t0
+    fit_s = _elapsed(t0, means)
     t0 = time.perf_counter()
     pred = (F.normalize(test_x.float(), dim=1) @ means.T).argmax(dim=1)
-    return ProbeResult("ncm", accuracy(pred, test_y), None, fit_s, time.perf_counter() - t0, {}, pred)
+    return ProbeResult("ncm", accuracy(pred, test_y), None, fit_s, _elapsed(t0, pred), {}, pred)
 
 
 def _standardize(x_fit: torch.Tensor, *others: torch.Tensor):
@@ -207,11 +233,12 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, fit_idx, val_idx
         acc = accuracy((x_val @ params[0] + params[1]).argmax(1), y_val)
         if acc > best_acc + 1e-12:
             best_c, best_acc = C, acc
+    select_s = time.perf_counter() - t0  # accuracy() above reads the predictions back: synchronised
     x_all, x_test = _standardize(train_x.float(), test_x.float())
     w, b = _fit_logreg(x_all, train_y.long(), num_classes, best_c, max_iter=max_iter)
-    fit_s = time.perf_counter() - t0
+    fit_s = _elapsed(t0, w)
     t0 = time.perf_counter()
     pred = (x_test @ w + b).argmax(1)
-    return ProbeResult("linear", accuracy(pred, test_y), best_acc, fit_s, time.perf_counter() - t0,
-                       {"C": best_c}, pred)
+    return ProbeResult("linear", accuracy(pred, test_y), best_acc, fit_s, _elapsed(t0, pred),
+                       {"C": best_c}, pred, select_s=select_s, settings_tried=len(c_grid))
 
