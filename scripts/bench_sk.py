@@ -10,10 +10,21 @@ Sections, all measured in this process (the memory case in a fresh subprocess):
 3. SK against exact KRR (torch Cholesky) and scikit-learn's KernelRidge at N = 5k, 10k, 20k: time,
    test error, log-log scaling exponents.
 4. Peak memory of SK at M=50k, N=100k, d=64, k=16 (VmHWM of a subprocess minus its RSS with inputs).
-5. Fashion-MNIST raw pixels: training-free SK (k, lengthscale, ridge, kernel picked on a validation
+5. Classes and training: SK with integer labels at C=10 and C=1000 on the same data (the label path),
+   and one training step (forward + backward to the evaluation points, fixed support 50k x 256, batch
+   1024, k=32) against the neighbour search alone.
+6. Fashion-MNIST raw pixels: training-free SK (k, lengthscale, ridge, kernel picked on a validation
    split) against DINO's weighted k-NN and exact KRR on a subset.
 
-Every number in the report is measured by this script; the report is written atomically at the end.
+When CUDA is present, a GPU section is measured too and written to ``--cuda-out``
+(results/bench_sk_cuda.md) with the card's name: SK against the k-NN vote written as DINO's evaluation
+writes it (a large score block filled by a matmul, topk, a weighted vote) at three shapes up to the
+ImageNet k-NN evaluation shape, SK's peak memory there, C=10 against C=1000, and a training step.
+``--cuda-only`` runs that section alone. ``--device-section-on-cpu`` runs the same code on the CPU at
+tiny sizes (a check of the code path, not GPU numbers; used by the tests).
+
+Every number in the report is measured by this script; the reports are written atomically at the end.
+Ratios compare runs made in the same process, interleaved.
 """
 from __future__ import annotations
 
@@ -26,7 +37,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +47,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import sk  # noqa: E402
+from experiments.core.atomic import atomic_write  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -49,6 +60,8 @@ FULL = dict(
     fashion=dict(n_val=5000, n_support=None, n_test=None, ks=[8, 16, 32, 64, 128], mults=[0.5, 1.0, 2.0],
                  ridges=[1e-3, 1e-1], kernels=["gaussian", "laplacian"], exact_select_n=5000,
                  exact_n=20000, exact_mults=[0.5, 1.0, 2.0, 4.0], exact_ridges=[1e-3, 1e-1]),
+    classes=dict(M=4000, N=20000, d=256, k=32, Cs=[10, 1000], repeats=5),
+    train=dict(N=50000, d=256, batch=1024, k=32, classes=10, repeats=5),
 )
 QUICK = dict(
     ratio=dict(M=200, N=1000, d=32, k=8, classes=5, repeats=2),
@@ -58,6 +71,19 @@ QUICK = dict(
     memory=dict(M=2000, N=5000, d=16, k=8, classes=5),
     fashion=dict(n_val=300, n_support=2000, n_test=300, ks=[8, 16], mults=[1.0], ridges=[1e-1],
                  kernels=["gaussian"], exact_select_n=500, exact_n=1000, exact_mults=[1.0], exact_ridges=[1e-1]),
+    classes=dict(M=200, N=1000, d=32, k=8, Cs=[10, 1000], repeats=2),
+    train=dict(N=2000, d=32, batch=128, k=8, classes=10, repeats=2),
+)
+# The GPU section: (M queries, N support, d, k, C), the last the ImageNet k-NN evaluation shape (DINO: k=20).
+DEVICE_FULL = dict(
+    shapes=[(4000, 20000, 256, 32, 10), (50000, 200000, 256, 32, 10), (10000, 1281167, 384, 20, 1000)],
+    repeats=7, vote_block_bytes=2 << 30, targets=[1.7, 1.15, 1.15], memory_target_gib=1.0,
+    train=dict(N=50000, d=256, batch=1024, k=32, classes=10, repeats=7),
+)
+DEVICE_QUICK = dict(
+    shapes=[(64, 500, 16, 8, 10), (200, 3000, 16, 8, 10), (100, 4000, 24, 6, 100)],
+    repeats=2, vote_block_bytes=1 << 20, targets=[1.7, 1.15, 1.15], memory_target_gib=1.0,
+    train=dict(N=2000, d=32, batch=128, k=8, classes=10, repeats=2),
 )
 
 
@@ -71,15 +97,29 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict:
+def device_timer(device: torch.device):
+    """``timed`` that waits for the device's queued work before and after (CUDA runs asynchronously)."""
+    if device.type != "cuda":
+        return timed
+
+    def run(fn):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start, out
+    return run
+
+
+def interleaved_medians(fns: dict, repeats: int, timer=timed) -> dict:
     """Median seconds of each function; one warm-up each, then the functions alternate per repeat so
     that slow drifts of a shared machine hit them alike."""
     for fn in fns.values():
-        fn()
+        timer(fn)
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(timed(fn)[0])
+            times[name].append(timer(fn)[0])
     return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 
@@ -133,9 +173,12 @@ def bench_ratio(cfg: dict, mm_cfg: dict, thread_counts: list[int]) -> dict:
         _, nn_idx = sk.knn_search(z, x, k)
         return y[nn_idx].mean(1)
 
+    labels = y.argmax(1)
     fns = {
         "knn_vote": vote,
         "sk": lambda: sk.sparse_krr(z, x, y, k=k, kernel="gaussian", lengthscale=ls, ridge=1e-3),
+        "sk_labels": lambda: sk.sparse_krr(z, x, labels, k=k, kernel="gaussian", lengthscale=ls, ridge=1e-3,
+                                           num_classes=cfg["classes"]),
         "search": lambda: sk.knn_search(z, x, k),
         "sk_local_only": lambda: sk.sparse_krr(z, x, y, k=k, kernel="gaussian", lengthscale=ls, ridge=1e-3,
                                                indices=idx),
@@ -254,7 +297,209 @@ def bench_memory(cfg: dict, threads: int) -> dict:
     return out
 
 
-# -- 5: Fashion-MNIST -----------------------------------------------------------------------------------
+# -- 5: classes and a training step ------------------------------------------------------------------------
+def bench_classes(cfg: dict, device: torch.device = torch.device("cpu")) -> dict:
+    """SK with integer labels at each C on the same (z, x), and the one-hot path at the largest C."""
+    g = torch.Generator().manual_seed(3)
+    m, n, d, k = cfg["M"], cfg["N"], cfg["d"], cfg["k"]
+    x = torch.randn(n, d, generator=g).to(device)
+    z = torch.randn(m, d, generator=g).to(device)
+    base = torch.randint(0, 1 << 30, (n,), generator=g).to(device)
+    ls = sk.auto_lengthscale(x, k=k)
+    fns = {}
+    for c in cfg["Cs"]:
+        fns[f"labels_{c}"] = (lambda c=c: sk.sparse_krr(z, x, base % c, k=k, lengthscale=ls, ridge=1e-3,
+                                                        num_classes=c))
+    cmax = max(cfg["Cs"])
+    onehot = F.one_hot(base % cmax, cmax).float()
+    fns[f"onehot_{cmax}"] = lambda: sk.sparse_krr(z, x, onehot, k=k, lengthscale=ls, ridge=1e-3)
+    med, raw = interleaved_medians(fns, cfg["repeats"], device_timer(device))
+    cmin = min(cfg["Cs"])
+    out = {"config": cfg, "median_s": med, "all_s": raw,
+           "ratio": med[f"labels_{cmax}"] / med[f"labels_{cmin}"],
+           "onehot_ratio": med[f"onehot_{cmax}"] / med[f"labels_{cmax}"]}
+    log(f"classes: C={cmax} / C={cmin} = {out['ratio']:.3f}; one-hot / labels at C={cmax} = {out['onehot_ratio']:.2f}")
+    return out
+
+
+def bench_train_step(cfg: dict, device: torch.device = torch.device("cpu")) -> dict:
+    """One training step through an SK head with a fixed support, against the neighbour search alone."""
+    g = torch.Generator().manual_seed(4)
+    n, d, b, k, c = cfg["N"], cfg["d"], cfg["batch"], cfg["k"], cfg["classes"]
+    x = torch.randn(n, d, generator=g).to(device)
+    labels = torch.randint(0, c, (n,), generator=g).to(device)
+    z0 = torch.randn(b, d, generator=g).to(device)
+    yb = torch.randint(0, c, (b,), generator=g).to(device)
+    head = sk.SKClassifier(x, labels, num_classes=c, k=k, lengthscale="auto", ridge=1e-3).to(device)
+
+    def step():  # z stands for a trainable encoder's output: the gradient goes back to it
+        z = z0.clone().requires_grad_()
+        F.cross_entropy(head(z), yb).backward()
+        return z.grad
+
+    def forward():
+        with torch.no_grad():
+            return head(z0)
+
+    fns = {"step": step, "forward": forward, "search": lambda: sk.knn_search(z0, x, k)}
+    med, raw = interleaved_medians(fns, cfg["repeats"], device_timer(device))
+    out = {"config": cfg, "median_s": med, "all_s": raw, "ratio": med["step"] / med["search"],
+           "forward_ratio": med["forward"] / med["search"]}
+    log(f"training step: step / search = {out['ratio']:.2f}, forward / search = {out['forward_ratio']:.2f}")
+    return out
+
+
+# -- the device section (CUDA; on the CPU only as a check of the code path) -------------------------------
+def dino_vote(z: torch.Tensor, x_t: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int,
+              block: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """The weighted k-NN vote as DINO's evaluation writes it (eval_knn.py, knn_classifier): the
+    similarities of a chunk of queries with the transposed bank fill a large block (one matmul), topk,
+    the neighbours' labels one-hot encoded and weighted by exp(s / T), summed per class."""
+    out = torch.empty(z.shape[0], num_classes, dtype=z.dtype, device=z.device)
+    rows = block.shape[0]
+    for s in range(0, z.shape[0], rows):
+        zc = z[s:s + rows]
+        b = zc.shape[0]
+        similarity = torch.mm(zc, x_t, out=block[:b])
+        distances, indices = similarity.topk(k, largest=True, sorted=True)
+        retrieved = torch.gather(labels.view(1, -1).expand(b, -1), 1, indices)
+        one_hot = torch.zeros(b * k, num_classes, device=z.device).scatter_(1, retrieved.view(-1, 1), 1)
+        weights = distances.div(temperature).exp()
+        out[s:s + b] = (one_hot.view(b, -1, num_classes) * weights.view(b, -1, 1)).sum(1)
+    return out
+
+
+def peak_bytes(device: torch.device, fn) -> int | None:
+    """Peak device memory allocated by ``fn`` beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def bench_device(cfg: dict, device: torch.device) -> dict:
+    """SK against DINO's vote at each shape on ``device``: times, ratio, SK's parts and peak memory."""
+    timer = device_timer(device)
+    rows = []
+    for (m, n, d, k, c), target in zip(cfg["shapes"], cfg["targets"]):
+        gen = torch.Generator(device=device).manual_seed(5)
+        x = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=1)
+        z = F.normalize(torch.randn(m, d, device=device, generator=gen), dim=1)
+        labels = torch.randint(0, c, (n,), device=device, generator=gen)
+        x_t = x.t().contiguous()               # DINO keeps the bank transposed, made once
+        block = torch.empty(max(1, min(m, cfg["vote_block_bytes"] // (4 * n))), n, device=device)
+        ls = sk.auto_lengthscale(x, k=k)
+        _, idx = sk.knn_search(z, x, k)
+
+        def run_sk():
+            return sk.sparse_krr(z, x, labels, k=k, lengthscale=ls, ridge=1e-3, num_classes=c)
+
+        fns = {"vote": lambda: dino_vote(z, x_t, labels, k, c, block), "sk": run_sk,
+               "search": lambda: sk.knn_search(z, x, k),
+               "local": lambda: sk.sparse_krr(z, x, labels, k=k, lengthscale=ls, ridge=1e-3, num_classes=c,
+                                              indices=idx)}
+        med, raw = interleaved_medians(fns, cfg["repeats"], timer)
+        del block
+        row = {"shape": (m, n, d, k, c), "median_s": med, "all_s": raw, "ratio": med["sk"] / med["vote"],
+               "target": target, "vote_block_rows": max(1, min(m, cfg["vote_block_bytes"] // (4 * n))),
+               "sk_peak_bytes": peak_bytes(device, run_sk)}
+        vote_block = torch.empty(row["vote_block_rows"], n, device=device)
+        row["vote_peak_bytes"] = peak_bytes(device, lambda: dino_vote(z, x_t, labels, k, c, vote_block))
+        del vote_block, x_t
+        if (m, n, d, k, c) == tuple(cfg["shapes"][-1]):
+            cls = {}
+            for cc in sorted({10, c}):
+                lab = labels % cc
+                cls[cc] = (lambda lab=lab, cc=cc: sk.sparse_krr(z, x, lab, k=k, lengthscale=ls, ridge=1e-3,
+                                                               num_classes=cc))
+            cmed, craw = interleaved_medians(cls, cfg["repeats"], timer)
+            row["classes"] = {"median_s": cmed, "all_s": craw}
+        rows.append(row)
+        log(f"device {device}: shape {row['shape']}: SK / vote = {row['ratio']:.3f}")
+        del x, z, labels
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    train = bench_train_step(cfg["train"], device)
+    return {"config": cfg, "rows": rows, "train": train}
+
+
+def device_report(command: str, info: dict, device: torch.device, res: dict, quick: bool, total_s: float) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        card = f"{name}, {props.total_memory / 2 ** 30:.0f} GiB, CUDA {torch.version.cuda}"
+    else:
+        card = f"CPU ({info['cpu']}): a check of the code path at tiny sizes, not GPU numbers"
+    out = ["# sk benchmark on a GPU", ""]
+    if quick:
+        out += ["**Quick smoke run (tiny sizes): not the benchmark's numbers.**", ""]
+    out += [
+        f"Command: `{command}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
+        f"Device: {card}  ",
+        f"Software: Python {info['python']}, torch {info['torch']}  ",
+        f"Total section time: {total_s / 60:.1f} min. float32, features L2-normalised, random.",
+        "",
+        "## SK versus the k-NN vote as DINO writes it",
+        "",
+        "The vote: the similarities of a chunk of queries with the transposed bank fill a score block of "
+        f"{res['config']['vote_block_bytes'] / 2 ** 30:.3g} GiB (one matmul), then topk, then the neighbours' "
+        "labels one-hot encoded, weighted by exp(s / 0.07) and summed per class. SK: `sk.sparse_krr` with "
+        "integer labels (Gaussian kernel, auto lengthscale, ridge 1e-3), search included. Median of "
+        f"{res['config']['repeats']} interleaved repeats after one warm-up; peak memory is what the call "
+        "allocated beyond the inputs (support features, labels, queries).",
+        "",
+        "| M | N | d | k | C | vote s | SK s | SK / vote | target | search s | local solves s | "
+        "SK peak GiB | vote peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def gib(b):
+        return "n/a" if b is None else f"{b / 2 ** 30:.3f}"
+
+    for row in res["rows"]:
+        m, n, d, k, c = row["shape"]
+        med = row["median_s"]
+        out.append(f"| {m} | {n} | {d} | {k} | {c} | {fmt_s(med['vote'])} | {fmt_s(med['sk'])} | "
+                   f"**{row['ratio']:.3f}** | <= {row['target']} | {fmt_s(med['search'])} | {fmt_s(med['local'])} | "
+                   f"{gib(row['sk_peak_bytes'])} | {gib(row['vote_peak_bytes'])} |")
+    last = res["rows"][-1]
+    out += ["", f"Peak memory target at the last shape: <= {res['config']['memory_target_gib']} GiB beyond the "
+            "support features and labels.", ""]
+    if "classes" in last:
+        cm = last["classes"]["median_s"]
+        cs = sorted(cm)
+        out += ["## Number of classes", "", f"SK with integer labels at the last shape, C = {cs[0]} and C = {cs[-1]} "
+                "(same features, labels taken modulo C).", "", "| C | SK s |", "|---|---|"]
+        out += [f"| {cc} | {fmt_s(cm[cc])} |" for cc in cs]
+        out += ["", f"**C={cs[-1]} / C={cs[0]}: {cm[cs[-1]] / cm[cs[0]]:.3f}** (target <= 1.2).", ""]
+    out += train_report(res["train"])
+    return "\n".join(out)
+
+
+def train_report(t: dict, heading: str = "##") -> list[str]:
+    c = t["config"]
+    med = t["median_s"]
+    return [
+        f"{heading} One training step",
+        "",
+        f"`sk.SKClassifier` head with a fixed support of N={c['N']} x d={c['d']} ({c['classes']} classes, integer "
+        f"labels), batch {c['batch']}, k={c['k']}: forward + cross-entropy + backward to the batch (standing for "
+        f"a trainable encoder's output), against the neighbour search of the batch alone. Median of {c['repeats']}.",
+        "",
+        "| step s | forward alone s | search alone s | step / search | forward / search |",
+        "|---|---|---|---|---|",
+        f"| {fmt_s(med['step'])} | {fmt_s(med['forward'])} | {fmt_s(med['search'])} | **{t['ratio']:.2f}** | "
+        f"{t['forward_ratio']:.2f} |",
+        "",
+    ]
+
+
+# -- 6: Fashion-MNIST -----------------------------------------------------------------------------------
 def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         data = fh.read()
@@ -359,7 +604,8 @@ def bench_fashion(cfg: dict) -> dict:
 
 # -- report ---------------------------------------------------------------------------------------------
 def fmt_s(sec: float) -> str:
-    return f"{sec:.4f}" if sec < 0.1 else f"{sec:.3f}" if sec < 10 else f"{sec:.1f}"
+    """Seconds to 4 significant digits, so that ratios of printed times match the printed ratios."""
+    return f"{sec:.4g}" if sec < 1000 else f"{sec:.0f}"
 
 
 def report(command: str, info: dict, load: tuple, results: dict, quick: bool, total_s: float) -> str:
@@ -394,14 +640,14 @@ def report(command: str, info: dict, load: tuple, results: dict, quick: bool, to
         "|---|" + "---|---|" * len(counts),
     ]
     labels = {"knn_vote": "k-NN vote (search + mean of neighbour targets)", "sk": "SK (search + local solves)",
-              "search": "search alone", "sk_local_only": "SK local solves alone (indices given)",
+              "sk_labels": "SK with integer labels (label path, no one-hot targets)", "search": "search alone", "sk_local_only": "SK local solves alone (indices given)",
               "sk_local_float64": "SK local solves alone, solve_dtype=float64"}
     for key, label in labels.items():
         cells = [f"{fmt_s(r['runs'][t]['median_s'][key])} | {', '.join(fmt_s(v) for v in r['runs'][t]['all_s'][key])}"
                  for t in counts]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     out += ["", "**SK / k-NN vote time ratio: " + ", ".join(f"{r['runs'][t]['ratio']:.3f} at {t} thread(s)"
-                                                         for t in counts) + "** (target <= 1.3, stretch <= 1.15).", ""]
+                                                         for t in counts) + "** (target <= 1.15).", ""]
     out += [
         "## 2. Search FLOP rate",
         "",
@@ -453,14 +699,33 @@ def report(command: str, info: dict, load: tuple, results: dict, quick: bool, to
         "",
         "| baseline RSS | peak RSS | increase | time | a dense M x N float32 matrix would need |",
         "|---|---|---|---|---|",
-        f"| {mres['baseline_rss_kib'] / 2 ** 20:.2f} GiB | {mres['hwm_kib'] / 2 ** 20:.2f} GiB | "
-        f"**{mres['increase_gib']:.2f} GiB** | {fmt_s(mres['seconds'])} s | {mres['dense_gib']:.1f} GiB |",
+        f"| {mres['baseline_rss_kib'] / 2 ** 20:.3f} GiB | {mres['hwm_kib'] / 2 ** 20:.3f} GiB | "
+        f"**{mres['increase_gib']:.3f} GiB** | {fmt_s(mres['seconds'])} s | {mres['dense_gib']:.3g} GiB |",
         "",
         "Target: increase <= 3 GiB.",
         "",
     ]
+    cl = results["classes"]
+    c = cl["config"]
+    cs = sorted(c["Cs"])
+    out += [
+        "## 5. Number of classes, and a training step",
+        "",
+        f"SK with integer labels (`sk.sparse_krr(z, x, labels, num_classes=C)`: one solve per point and a "
+        f"scatter-add by label, no one-hot targets) on the same data at each C: M={c['M']}, N={c['N']}, d={c['d']}, "
+        f"k={c['k']}, labels modulo C; and the one-hot path at C={cs[-1]} for comparison. Median of "
+        f"{c['repeats']} interleaved repeats.",
+        "",
+        "| path | C | SK s |",
+        "|---|---|---|",
+    ]
+    out += [f"| integer labels | {cc} | {fmt_s(cl['median_s'][f'labels_{cc}'])} |" for cc in cs]
+    out += [f"| one-hot targets | {cs[-1]} | {fmt_s(cl['median_s'][f'onehot_{cs[-1]}'])} |", "",
+            f"**C={cs[-1]} / C={cs[0]}: {cl['ratio']:.3f}** (target <= 1.2); one-hot / labels at C={cs[-1]}: "
+            f"{cl['onehot_ratio']:.2f}.", ""]
+    out += train_report(results["train"], "###")
     fm = results["fashion"]
-    out += ["## 5. Fashion-MNIST, raw pixels in [0, 1] (training-free)", ""]
+    out += ["## 6. Fashion-MNIST, raw pixels in [0, 1] (training-free)", ""]
     if "skipped" in fm:
         out += [fm["skipped"], ""]
     else:
@@ -501,23 +766,19 @@ def report(command: str, info: dict, load: tuple, results: dict, quick: bool, to
     return "\n".join(out)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def write_report(path: Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/bench_sk.md", help="Markdown report to write")
+    parser.add_argument("--cuda-out", help="GPU report (default: the --out name with _cuda before .md)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test of the script")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--cuda-only", action="store_true", help="only the GPU section")
+    parser.add_argument("--device-section-on-cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_case:
@@ -527,24 +788,41 @@ def main(argv=None) -> None:
     cfg = QUICK if args.quick else FULL
     command = shlex.join([os.path.relpath(sys.executable) if not sys.executable.startswith("/usr") else "python",
                           os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])])
+    out_path = Path(args.out)
+    cuda_out = Path(args.cuda_out) if args.cuda_out else out_path.with_name(out_path.stem + "_cuda.md")
     info = machine_info()
-    load0 = os.getloadavg()
-    start = time.perf_counter()
-    log(f"machine: {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}")
-    results = {}
-    log("1-2. SK versus the k-NN vote, search FLOP rate")
-    results["ratio"] = bench_ratio(cfg["ratio"], cfg["matmul"], sorted({args.threads, 1}, reverse=True))
-    log("3. scaling against exact KRR and scikit-learn")
-    results["scaling"] = bench_scaling(cfg["scaling"])
-    log("4. peak memory (subprocess)")
-    results["memory"] = bench_memory(cfg["memory"], args.threads)
-    log(f"peak increase {results['memory']['increase_gib']:.2f} GiB in {results['memory']['seconds']:.1f}s")
-    log("5. Fashion-MNIST")
-    results["fashion"] = bench_fashion(cfg["fashion"])
-    total = time.perf_counter() - start
-    text = report(command, info, load0 + os.getloadavg(), results, args.quick, total)
-    write_atomic(Path(args.out), text)
-    log(f"wrote {args.out} in {total / 60:.1f} min")
+    if not args.cuda_only:
+        load0 = os.getloadavg()
+        start = time.perf_counter()
+        log(f"machine: {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}")
+        results = {}
+        log("1-2. SK versus the k-NN vote, search FLOP rate")
+        results["ratio"] = bench_ratio(cfg["ratio"], cfg["matmul"], sorted({args.threads, 1}, reverse=True))
+        log("3. scaling against exact KRR and scikit-learn")
+        results["scaling"] = bench_scaling(cfg["scaling"])
+        log("4. peak memory (subprocess)")
+        results["memory"] = bench_memory(cfg["memory"], args.threads)
+        log(f"peak increase {results['memory']['increase_gib']:.2f} GiB in {results['memory']['seconds']:.1f}s")
+        log("5. classes and a training step")
+        results["classes"] = bench_classes(cfg["classes"])
+        results["train"] = bench_train_step(cfg["train"])
+        log("6. Fashion-MNIST")
+        results["fashion"] = bench_fashion(cfg["fashion"])
+        total = time.perf_counter() - start
+        text = report(command, info, load0 + os.getloadavg(), results, args.quick, total)
+        write_report(out_path, text)
+        log(f"wrote {out_path} in {total / 60:.1f} min")
+    if torch.cuda.is_available() or args.device_section_on_cpu:
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.device_section_on_cpu else "cpu")
+        dcfg = DEVICE_QUICK if args.quick or device.type == "cpu" else DEVICE_FULL
+        start = time.perf_counter()
+        log(f"GPU section on {device}")
+        res = bench_device(dcfg, device)
+        total = time.perf_counter() - start
+        write_report(cuda_out, device_report(command, info, device, res, args.quick, total))
+        log(f"wrote {cuda_out} in {total / 60:.1f} min")
+    elif args.cuda_only:
+        raise SystemExit("--cuda-only: no CUDA device here")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ hyperparameters. The package needs torch alone (numpy optional, faiss optional f
     f = sk.sparse_krr(z, x, y, k=32, kernel="gaussian", lengthscale=1.0, ridge=1e-3)
     g = sk.exact_krr(z, x, y, kernel="gaussian", lengthscale=1.0, ridge=1e-3)
 
+    scores = sk.sparse_krr(z, x, labels, k=32, num_classes=1000)   # integer labels: no one-hot targets
+
 See docs in each module: ``sk.kernels`` (formulas), ``sk.knn`` (search, weighted k-NN, auto
-lengthscale), ``sk.linalg`` (jittered Cholesky), ``sk.krr`` (functional API, continuous variant),
-``sk.modules`` (SKLayer, SKClassifier).
+lengthscale), ``sk.linalg`` (jittered Cholesky), ``sk.krr`` (functional API, label path, continuous
+variant, numerics), ``sk.modules`` (SKLayer, SKClassifier, save and load), ``sk.budget`` (memory budgets
+per device and their override), ``sk.precision`` (half precision, autocast) and ``sk.sklearn``
+(scikit-learn estimators; imported on first use, it needs scikit-learn).
 """
+from .budget import block_budget, set_block_budget
 from .kernels import (IMQ, KERNELS, Gaussian, Kernel, Laplacian, Linear, Matern32, Matern52, make_kernel,
                       safe_norm_from_sq, sq_dists)
 from .knn import BACKENDS, auto_lengthscale, knn_search, weighted_knn
@@ -19,11 +24,22 @@ from .krr import continuity_weights, exact_krr, sparse_krr
 from .linalg import SingularSystemError, psd_solve, robust_cholesky
 from .modules import SKClassifier, SKLayer
 
+__version__ = "0.1.0"
 __all__ = [
     "sparse_krr", "exact_krr", "knn_search", "weighted_knn", "auto_lengthscale",
     "SKLayer", "SKClassifier",
     "Kernel", "Gaussian", "Laplacian", "Matern32", "Matern52", "IMQ", "Linear", "KERNELS", "make_kernel",
     "BACKENDS", "SingularSystemError", "robust_cholesky", "psd_solve", "continuity_weights",
-    "safe_norm_from_sq", "sq_dists",
+    "safe_norm_from_sq", "sq_dists", "block_budget", "set_block_budget",
+    "SparseKernelRegressor", "SparseKernelClassifier",
 ]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The scikit-learn estimators import scikit-learn: only on first use, so sk imports with torch alone.
+    if name in ("SparseKernelRegressor", "SparseKernelClassifier", "sklearn"):
+        import importlib
+
+        module = importlib.import_module(".sklearn", __name__)
+        return module if name == "sklearn" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

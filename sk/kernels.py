@@ -10,9 +10,9 @@ Two evaluations are offered, and both are needed by the solvers:
 - ``gram(a, b, lengthscale)``: the full kernel matrix between two sets (used by exact KRR), from the
   expansion ||a||^2 - 2 a.b + ||b||^2 (one matmul);
 - ``local(z, xg, lengthscale)``: for each evaluation point z_m and its gathered neighbours X_{I_m}, the
-  vector K(z_m, X_{I_m}) and the k x k matrix K(X_{I_m}, X_{I_m}). The vector comes from exact
-  differences, so r = 0 is exact and its gradient is exact; the matrix comes from one batched matmul
-  of the gathered neighbours.
+  vector K(z_m, X_{I_m}) and the k x k matrix K(X_{I_m}, X_{I_m}), both from one batched matmul of
+  the neighbours centred on their query (``local_offsets``): r = 0 is exact and its gradient is
+  exact, and rounding is relative to the neighbourhood's scale, not to ||x||.
 """
 from __future__ import annotations
 
@@ -112,18 +112,29 @@ class Kernel(nn.Module):
             kzx (B, k) = K(z_m, X_{I_m}), kxx (B, k, k) = K(X_{I_m}, X_{I_m}), and the squared distances
             (B, k) from z_m to its neighbours.
 
-        The distances z_m - x_i come from exact differences (``cdist`` without the matmul expansion, a
-        fused kernel that never holds the (B, k, d) differences): r = 0 is exactly 0 and its gradient
-        exact. The k x k distances come from one ``bmm`` (||x_i||^2 + ||x_j||^2 - 2 x_i.x_j, the norms
-        read off its diagonal, so the diagonal distance is exactly 0); its rounding error is about
-        eps ||x||^2, so callers pass points centred on the data (``sk.sparse_krr`` subtracts the
-        support mean, which a stationary kernel does not see).
+        A stationary kernel sees differences only, so the neighbours are centred on their query
+        (``local_offsets(xg - z)``); see there for the numerics.
         """
-        d2z = torch.cdist(z.unsqueeze(1), xg, compute_mode="donot_use_mm_for_euclid_dist").squeeze(1).square()
-        gram = torch.bmm(xg, xg.transpose(1, 2))                       # (B, k, k)
+        return cls.local_offsets(xg + z.neg().unsqueeze(1), lengthscale)
+
+    @classmethod
+    def local_offsets(cls, xc: Tensor, lengthscale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """``local`` from the neighbours centred on their query, xc (B, k, d) = X_{I_m} - z_m.
+
+        All distances come from one ``bmm`` of xc: ||x_i - z||^2 is its diagonal and
+        ||x_i - x_j||^2 = ||xc_i||^2 + ||xc_j||^2 - 2 xc_i.xc_j. Centring on the query makes every
+        rounding error relative to the neighbourhood's own scale (about eps r_k^2), however far the
+        data lie from the origin; it costs one subtraction on the gathered block and no copy of the
+        support. The diagonal entries are sums of squares of the differences, so r = 0 (a query on a
+        support point) is exactly 0 with an exact zero gradient; the k x k diagonal is set to 0. Under
+        TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``) all these distances carry TF32's
+        1e-3 relative error, still relative to the neighbourhood's scale.
+        """
+        gram = _SelfGram.apply(xc)                                     # (B, k, k)
         sq = gram.diagonal(dim1=1, dim2=2)
-        d2xx = _zero_diagonal((sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * gram).clamp_min(0.0))
-        return cls.k(d2z, lengthscale), cls.k(d2xx, lengthscale), d2z
+        d2xx = (sq.unsqueeze(2) + sq.unsqueeze(1)).sub_(gram, alpha=2.0).clamp_min(0.0)
+        d2xx.diagonal(dim1=1, dim2=2).zero_()      # clamp_min keeps its input, not its output: in place is safe
+        return cls.k(sq, lengthscale), cls.k(d2xx, lengthscale), sq
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """K(a, b) with this module's lengthscale: a (..., n, d), b (..., m, d) -> (..., n, m)."""
@@ -131,6 +142,22 @@ class Kernel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lengthscale={self.lengthscale.item():.4g}, learnable={isinstance(self.log_lengthscale, nn.Parameter)}"
+
+
+class _SelfGram(torch.autograd.Function):
+    """G = A A^T for a batch A (B, k, d), with the backward dA = (dG + dG^T) A: one contiguous bmm where
+    autograd's bmm backward does two with transposed operands (measured 2-4x slower on the CPU). The
+    backward is made of differentiable ops, so higher derivatives still work."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> Tensor:
+        ctx.save_for_backward(a)
+        return torch.bmm(a, a.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), a)
 
 
 def _zero_diagonal(m: Tensor) -> Tensor:
@@ -156,7 +183,7 @@ class Gaussian(Kernel):
 
     @staticmethod
     def k(sq_dist: Tensor, lengthscale: Tensor | float) -> Tensor:
-        return torch.exp(-0.5 * sq_dist / (lengthscale * lengthscale))
+        return torch.exp(sq_dist * (-0.5 / (lengthscale * lengthscale)))
 
 
 class Laplacian(Kernel):
@@ -274,8 +301,12 @@ class Linear(Kernel):
     def local(cls, z: Tensor, xg: Tensor, lengthscale: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         kzx = torch.bmm(xg, z.unsqueeze(2)).squeeze(2)
         kxx = torch.bmm(xg, xg.transpose(1, 2))
-        d2z = torch.cdist(z.unsqueeze(1), xg, compute_mode="donot_use_mm_for_euclid_dist").squeeze(1).square()
-        return kzx, kxx, d2z
+        diff = xg - z.unsqueeze(1)
+        return kzx, kxx, (diff * diff).sum(-1)
+
+    @classmethod
+    def local_offsets(cls, xc: Tensor, lengthscale: Tensor | float = 1.0):  # pragma: no cover - not stationary
+        raise TypeError("the linear kernel is not translation invariant: use local(z, xg)")
 
 
 KERNELS: dict[str, type[Kernel]] = {

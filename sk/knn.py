@@ -1,11 +1,19 @@
 """Neighbour search behind one interface, the DINO weighted k-NN readout, and the auto lengthscale.
 
 ``knn_search(z, x, k)`` returns the k nearest support points of every evaluation point in Euclidean
-distance, ties broken by the lower index (the contract), sorted by distance. Backends:
+distance, ties broken by the lower index (the contract), sorted by distance. A tie is a tie of the
+computed scores: points at equal distance in exact arithmetic whose rounded scores differ (a matmul may
+round the same dot product differently in different columns) are ordered by their rounded scores; data
+whose scores are exact (small integers, the corners of a cube) tie exactly. Backends:
 
 - ``"torch"`` (default): exact chunked brute force on the tensors' device. Each chunk of evaluation
   points forms ||x||^2 - 2 z.x (one matmul; ||z||^2 does not change the ranking so it is added to the
-  k winners only), then ``topk``. Memory is one (chunk, N) block.
+  k winners only), then ``topk``. Memory is one (chunk, N) score block, sized from the device
+  (``sk.budget``: 64 MiB on the CPU, up to 768 MiB on a GPU). Scores are float32 for half-precision
+  inputs (a half-precision support is converted a block of rows at a time, never copied whole).
+  Ties: ``topk`` does not say which of equal values it keeps, so each chunk asks for k + 1 sorted
+  values and marks the rows where two of them are equal; after the loop (one host synchronisation per
+  call, none per chunk) only those rows are redone, keeping and ordering the lower indices first.
 - ``"faiss"``: exact ``IndexFlatL2`` on the CPU (float32), if faiss is installed.
 - ``"faiss-ivf"``: approximate ``IndexIVFFlat`` (nlist ~ sqrt(N) cells, nprobe of them searched).
 
@@ -16,21 +24,76 @@ does).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
 
+from .budget import search_rows
+from .precision import HALF, no_autocast
+
 __all__ = ["knn_search", "weighted_knn", "auto_lengthscale", "default_chunk_size", "BACKENDS"]
 
 BACKENDS = ("torch", "faiss", "faiss-ivf")
-# Elements in the (chunk, N) block of the brute-force search: 2^24 floats = 64 MiB in float32 (larger
-# blocks were not faster: the matmul already runs near its rate at a few hundred rows).
-SEARCH_BLOCK_ELEMENTS = 1 << 24
 
 
-def default_chunk_size(rows: int, cols: int, budget: int = SEARCH_BLOCK_ELEMENTS) -> int:
-    """Rows per chunk so that a (chunk, cols) block holds at most ``budget`` elements (at least 1)."""
-    return max(1, min(rows, budget // max(cols, 1)))
+def as_k(k) -> int:
+    """k as a Python int >= 1: any integral type (int, numpy integers, integer 0-dim tensors); bool,
+    float and non-positive values raise ValueError."""
+    if isinstance(k, (bool, float)) or (isinstance(k, Tensor) and (k.is_floating_point() or k.dtype == torch.bool)):
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}") from None
+    if k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k}")
+    return k
+
+
+def as_chunk_size(chunk_size, name: str = "chunk_size") -> int | None:
+    """None or a positive integer (rows per chunk); anything else raises ValueError."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, (bool, float)):
+        raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}")
+    try:
+        value = operator.index(chunk_size)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}")
+    return value
+
+
+def search_dtype(z_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the score blocks: the wider input dtype, float32 for half-precision inputs.
+
+    float16 and bfloat16 scores would rank neighbours only to 3 and 2 decimal digits (ties everywhere
+    at the boundary, each one a redo), and ||x||^2 overflows float16 for features of norm > 256."""
+    dtype = z_dtype if z_dtype == x_dtype else torch.promote_types(z_dtype, x_dtype)
+    return torch.float32 if dtype in HALF else dtype
+
+
+def default_chunk_size(rows: int, cols: int, budget: int | None = None, device="cpu") -> int:
+    """Rows per chunk so that a (chunk, cols) float32 block fits ``budget`` bytes (default: the search
+    budget of ``device``, see ``sk.budget``); at least 1."""
+    if budget is None:
+        return search_rows(rows, cols, 4, torch.device(device))
+    return max(1, min(rows, budget // (4 * max(cols, 1))))
+
+
+def _sq_norms(t: Tensor, dtype: torch.dtype, block_elements: int = 1 << 18) -> Tensor:
+    """||t_i||^2 in ``dtype``, a block of rows at a time: (t * t).sum(1) at once would hold a temporary
+    the size of the support (and a float32 copy of a half-precision one); 1 MiB blocks are also faster."""
+    rows = max(1, block_elements // max(t.shape[1], 1))
+    if t.shape[0] <= rows and t.dtype == dtype:
+        return (t * t).sum(1)
+    out = torch.empty(t.shape[0], dtype=dtype, device=t.device)
+    for s in range(0, t.shape[0], rows):
+        block = t[s:s + rows].to(dtype)
+        torch.sum(block * block, 1, out=out[s:s + rows])
+    return out
 
 
 def _order_by_distance_then_index(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,45 +104,80 @@ def _order_by_distance_then_index(vals: Tensor, idx: Tensor) -> tuple[Tensor, Te
     return vals.gather(1, by_value), idx.gather(1, by_value)
 
 
-def _topk_smallest(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k smallest entries of each row, ties broken by the lower column index, sorted.
+def _k_smallest_lowest_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest entries of each row, ties at the k-th value broken by the lower column index.
 
-    ``topk`` does not promise which of several equal values it keeps. Asking for k + 1 tells whether a
-    tie crosses the boundary (the (k+1)-th value equals the k-th); only such rows are redone with a
-    stable full sort, which keeps the lower indices. Without a boundary tie the selected set is exact
-    and only its order needs fixing.
+    With v the k-th smallest value of a row, the answer is every entry below v (fewer than k) and the
+    lowest-index entries equal to v. A key of -1 (below v), the column index (equal to v) or N (above)
+    finds them with one more ``topk``: O(N) per row where a stable sort would be O(N log N).
     """
     n = scores.shape[1]
-    if k >= n:
-        vals, idx = torch.sort(scores, dim=1, stable=True)
-        return vals, idx
-    vals, idx = torch.topk(scores, k + 1, dim=1, largest=False, sorted=True)
-    tied = vals[:, k] == vals[:, k - 1]
-    vals, idx = vals[:, :k], idx[:, :k]
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        svals, sidx = torch.sort(scores[rows], dim=1, stable=True)
-        vals = vals.index_put((rows,), svals[:, :k])
-        idx = idx.index_put((rows,), sidx[:, :k])
-    return _order_by_distance_then_index(vals, idx)
+    kth = torch.topk(scores, k, dim=1, largest=False, sorted=True).values[:, k - 1:k]
+    cols = torch.arange(n, device=scores.device).expand(scores.shape[0], n)
+    key = cols.masked_fill(scores > kth, n).masked_fill_(scores < kth, -1)
+    sel = torch.topk(key, k, dim=1, largest=False, sorted=False).indices
+    return _order_by_distance_then_index(scores.gather(1, sel), sel)
+
+
+def _scores(zc: Tensor, x: Tensor, x2: Tensor, out: Tensor, scratch: Tensor | None) -> Tensor:
+    """||x_j||^2 - 2 z.x_j for a chunk of evaluation points into ``out`` (rows, N): one fused addmm, or,
+    for a support stored in another dtype (half precision), one per block of support points converted
+    into ``scratch``."""
+    if scratch is None:
+        return torch.addmm(x2.unsqueeze(0), zc, x.t(), beta=1.0, alpha=-2.0, out=out)
+    nb = scratch.shape[0]
+    for s in range(0, x.shape[0], nb):
+        xb = scratch[:min(nb, x.shape[0] - s)].copy_(x[s:s + nb])
+        torch.addmm(x2[s:s + nb].unsqueeze(0), zc, xb.t(), beta=1.0, alpha=-2.0, out=out[:, s:s + nb])
+    return out
 
 
 def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    m, n = z.shape[0], x.shape[0]
-    chunk = chunk_size or default_chunk_size(m, n)
-    x2 = (x * x).sum(1)
-    # One (chunk, N) block for all chunks: a fresh block per chunk costs page faults (measured 20-30%
+    """Exact chunked search; one host synchronisation per call (the check for boundary ties)."""
+    m, n, d = z.shape[0], x.shape[0], x.shape[1]
+    dtype = search_dtype(z.dtype, x.dtype)
+    esize = torch.finfo(dtype).bits // 8
+    rows = min(chunk_size or search_rows(m, n, esize, z.device), m)
+    # 1 MiB blocks for the norms on the CPU (faster than one pass); on a GPU an eighth of the score block,
+    # so that a large support takes tens of kernel launches, not thousands.
+    x2 = _sq_norms(x, dtype, 1 << 18 if x.device.type == "cpu" else max(1 << 18, rows * n // 8))
+    # One (rows, N) block for all chunks: a fresh block per chunk costs page faults (measured 20-30%
     # of the matmul) and, on the CPU, glibc's allocator was seen to keep GiBs of freed blocks.
-    block = torch.empty(min(chunk, m), n, dtype=z.dtype, device=z.device)
-    out_d, out_i = [], []
-    for start in range(0, m, chunk):
-        zc = z[start:start + chunk]
-        # ||x||^2 - 2 z.x ranks the support points as ||z - x||^2 does; one fused addmm.
-        partial = torch.addmm(x2.unsqueeze(0), zc, x.t(), beta=1.0, alpha=-2.0, out=block[:zc.shape[0]])
-        vals, idx = _topk_smallest(partial, k)
-        out_d.append((vals + (zc * zc).sum(1, keepdim=True)).clamp_min_(0.0))
-        out_i.append(idx)
-    return torch.cat(out_d), torch.cat(out_i)
+    block = torch.empty(rows, n, dtype=dtype, device=z.device)
+    scratch = None
+    if x.dtype != dtype:
+        nb = max(1, min(n, rows * n // (4 * d)))     # a quarter of the score block's elements
+        scratch = torch.empty(nb, d, dtype=dtype, device=x.device)
+    full = k >= n
+    vals = torch.empty(m, min(k, n), dtype=dtype, device=z.device)
+    idx = torch.empty(m, min(k, n), dtype=torch.long, device=z.device)
+    tied = None if full else torch.empty(m, dtype=torch.bool, device=z.device)
+    for start in range(0, m, rows):
+        stop = min(start + rows, m)
+        zc = z[start:stop].to(dtype)
+        scores = _scores(zc, x, x2, block[:stop - start], scratch)
+        if full:
+            v, i = torch.sort(scores, dim=1, stable=True)
+        else:
+            # topk does not promise which of equal values it keeps, nor their order. Asking for k + 1
+            # sorted values shows every tie that matters (equal neighbours among the k + 1, across the
+            # boundary or inside); such rows, rare for real-valued data, are redone after the loop.
+            v, i = torch.topk(scores, k + 1, dim=1, largest=False, sorted=True)
+            torch.any(v[:, 1:] == v[:, :-1], dim=1, out=tied[start:stop])
+            v, i = v[:, :k], i[:, :k]
+        # ||z||^2 does not change the ranking: it is added to the winners only.
+        torch.add(v, (zc * zc).sum(1, keepdim=True), out=vals[start:stop])
+        idx[start:stop] = i
+    if tied is not None and bool(tied.any()):      # the call's one synchronisation
+        redo = tied.nonzero().squeeze(1)
+        per = max(1, rows // 3)                    # the int64 keys take twice the scores' bytes
+        for s in range(0, redo.shape[0], per):
+            r = redo[s:s + per]
+            zc = z[r].to(dtype)
+            v, i = _k_smallest_lowest_index(_scores(zc, x, x2, block[:r.shape[0]], scratch), k)
+            vals[r] = v + (zc * zc).sum(1, keepdim=True)
+            idx[r] = i
+    return vals.clamp_min_(0.0).to(z.dtype), idx
 
 
 def _import_faiss():
@@ -140,32 +238,38 @@ def knn_search(z: Tensor, x: Tensor, k: int, backend: str = "torch", chunk_size:
 
     Args:
         z: (M, d) evaluation points.
-        x: (N, d) support points.
-        k: neighbours per point; k >= N returns all N.
+        x: (N, d) support points (z and x may differ in floating dtype: they meet in the wider one,
+            float32 for half precision).
+        k: neighbours per point (any integer type); k >= N returns all N.
         backend: ``"torch"`` (exact, chunked, any device), ``"faiss"`` (exact flat index, CPU) or
             ``"faiss-ivf"`` (approximate inverted file, CPU).
-        chunk_size: evaluation points per chunk of the torch search (default: a (chunk, N) block of at
-            most 2^24 elements).
+        chunk_size: evaluation points per chunk of the torch search (default: a (chunk, N) score block
+            within the device's search budget, see ``sk.budget``).
         nlist, nprobe: cells of the IVF index and cells searched per query (defaults sqrt(N), nlist/8).
 
     Returns:
-        sq_dists (M, k') and indices (M, k') with k' = min(k, N), sorted by distance, ties by the lower
-        index (exact for ``torch`` and ``faiss``). The distances come from the matmul expansion and are
-        meant for ranking; recompute exact differences where precision or gradients matter.
+        sq_dists (M, k') in z's dtype and indices (M, k') with k' = min(k, N), sorted by distance, ties
+        by the lower index (exact for ``torch`` and ``faiss``). The distances come from the matmul
+        expansion and are meant for ranking; recompute exact differences where precision or gradients
+        matter.
+
+    The torch search synchronises with the host once per call (whether any row has a tie across the
+    k-th place), not once per chunk, and runs with autocast off (scores in float32 or wider).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = as_k(k)
+    chunk_size = as_chunk_size(chunk_size)
     if z.dim() != 2 or x.dim() != 2:
         raise ValueError(f"z and x must be 2-D (M, d) and (N, d), got shapes {tuple(z.shape)} and {tuple(x.shape)}")
     if z.shape[1] != x.shape[1]:
         raise ValueError(f"feature size mismatch: z has d={z.shape[1]}, x has d={x.shape[1]}")
     if x.shape[0] == 0:
         raise ValueError("empty support set: x has no rows")
-    k = min(int(k), x.shape[0])
+    k = min(k, x.shape[0])
     if z.shape[0] == 0:
         return z.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=z.device)
     if backend == "torch":
-        return _search_torch(z.detach(), x.detach(), k, chunk_size)
+        with no_autocast(z.device):
+            return _search_torch(z.detach(), x.detach(), k, chunk_size)
     if backend in ("faiss", "faiss-ivf"):
         return _search_faiss(z, x, k, ivf=backend == "faiss-ivf", nlist=nlist, nprobe=nprobe)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -185,16 +289,19 @@ def weighted_knn(z: Tensor, x: Tensor, labels: Tensor, num_classes: int, k: int 
         z: (M, d) evaluation points; x: (N, d) support points; labels: (N,) integers in [0, C).
         num_classes: C. k: voters (20 in DINO). temperature: T (0.07 in DINO).
     Returns:
-        scores (M, C); ``scores.argmax(1)`` is the prediction.
+        scores (M, C) in z's dtype, at least float32 (exp(1 / 0.07) overflows float16);
+        ``scores.argmax(1)`` is the prediction.
     """
-    zn = torch.nn.functional.normalize(z, dim=1)
-    xn = torch.nn.functional.normalize(x, dim=1)
-    # On unit vectors ||z - x||^2 = 2 - 2 cos, so the Euclidean search ranks by cosine similarity.
-    _, idx = knn_search(zn, xn, k, backend=backend, chunk_size=chunk_size)
-    sims = (zn.unsqueeze(1) * xn[idx]).sum(-1)
-    weights = torch.exp(sims / temperature)
-    scores = torch.zeros(z.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
-    return scores.scatter_add(1, labels.to(z.device).long()[idx], weights)
+    with no_autocast(z.device):
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        zn = torch.nn.functional.normalize(z.to(dtype), dim=1)
+        xn = torch.nn.functional.normalize(x, dim=1)
+        # On unit vectors ||z - x||^2 = 2 - 2 cos, so the Euclidean search ranks by cosine similarity.
+        _, idx = knn_search(zn, xn, k, backend=backend, chunk_size=chunk_size)
+        sims = (zn.unsqueeze(1) * xn[idx].to(dtype)).sum(-1)
+        weights = torch.exp(sims / temperature)
+        scores = torch.zeros(z.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+        return scores.scatter_add(1, labels.to(z.device).long()[idx], weights)
 
 
 @torch.no_grad()
@@ -224,7 +331,7 @@ def auto_lengthscale(x: Tensor, k: int = 32, max_points: int = 2048, seed: int =
     else:
         queries = x
     d2, _ = knn_search(queries, x, k + 1)  # the point itself is among the k + 1 (distance 0)
-    kth = d2[:, k].sqrt()
+    kth = d2[:, k].to(torch.promote_types(d2.dtype, torch.float32)).sqrt()
     kth = kth[kth > 0]
     if kth.numel() == 0:
         return 1.0

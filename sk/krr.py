@@ -7,6 +7,16 @@ Sparse Kernel (SK): for each evaluation point z_m with I_m its k nearest support
 
 Exact KRR: :math:`f(Z) = K(Z, X) (K(X, X) + \lambda I_N)^{-1} Y`. With k >= N the two agree.
 
+Classification with integer labels (``y`` an integer (N,) tensor and ``num_classes=C``). By linearity
+in Y, with one-hot targets,
+
+.. math::
+    f_c(z) = \sum_{j \in I(z),\, y_j = c} \beta_j, \qquad \beta = (K(X_I, X_I) + \lambda I)^{-1} K(X_I, z),
+
+so each system is solved once for beta (one right-hand side) and beta is scatter-added by label: the
+one-hot targets (N, C) and their gathered (M, k, C) copies never exist, and the cost does not grow with
+C beyond writing the (M, C) scores. The scores equal those of ``y = one_hot(labels, C)`` to rounding.
+
 Continuous SK (``continuous=True``). The hard cut makes f jump where the neighbour set changes (a
 k-th and a (k+1)-th neighbour swap places). The continuous variant weights each of the k + 1 nearest
 neighbours by
@@ -25,26 +35,48 @@ which is KRR with a per-point ridge lambda / omega_j^2: a point whose weight goe
 system continuously. Every r_j and r_{k+1} (an order statistic) is continuous in z, so f is continuous
 in z (needs lambda > 0; with lambda = 0 a zero weight makes the system singular and only jitter saves
 it). ``taper`` (tau in (0, 1]) is the fraction of the squared-distance range r_1^2..r_{k+1}^2 over which
-weights fall from 1 to 0. Use the hard variant for plain readouts and classification (it is the
-contract's SK and equals KRR for k >= N); use the continuous one when f is optimised through z (a
-policy or a learned input, a test-time optimiser, an ODE) or when jumps would hurt a smoothness
-argument. It costs one more neighbour per system.
+weights fall from 1 to 0. When the k + 1 distances are all equal (to rounding), the range is 0 and the
+weights are 0/0: the neighbour set is then ambiguous at the boundary, and the variant gives weight 1 to
+the first k (the search's order: ties to the lower index) and 0 to the (k+1)-th, which is the hard
+variant's answer. When r_1 = ... = r_k < r_{k+1} all k weights are 1: the hard answer again. Use the
+hard variant for plain readouts and classification (it is the contract's SK and equals KRR for k >= N);
+use the continuous one when f is optimised through z (a policy or a learned input, a test-time
+optimiser, an ODE) or when jumps would hurt a smoothness argument. It costs one more neighbour per
+system.
+
+Numerics and cost. The evaluation points are processed in chunks whose size comes from the device's
+memory budget (``sk.budget``; ``chunk_size`` overrides it). Per chunk, the neighbours are gathered and
+centred on their query (``Kernel.local_offsets``: one subtraction on the gathered block, no copy of the
+support), all distances come from one batched matmul, and each system is factorised once by
+``cholesky_ex``. A failed factorisation (a singular or indefinite system) is not looked at inside the
+loop: every chunk records on the device whether it had one, and after the loop one host
+synchronisation finds such chunks, which are recomputed with jitter escalation (``sk.robust_cholesky``);
+their first results are discarded, graph included. Input validation that needs the device (finite
+values, label and index ranges, tensor hyperparameters) is one fused check, one synchronisation per
+call. Without any tensor that needs a gradient, the gathered neighbours go to one buffer reused by
+every chunk (fresh blocks cost page faults on the CPU); with one, every chunk gets fresh memory, since
+autograd keeps it. On a CPU with several torch threads the chunks run in parallel, one per thread
+(``map_chunks``): a chunk is thousands of tiny factorisations that no single op parallelises well.
+
+Precision: float16 / bfloat16 inputs are searched in float32 and solved in float32 (or
+``solve_dtype``), and the result has z's dtype; autocast is switched off inside (``sk.precision``).
 """
 from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
+from .budget import local_rows
 from .kernels import Kernel, kernel_class
-from .knn import auto_lengthscale, default_chunk_size, knn_search
-from .linalg import psd_solve, robust_cholesky, serial_lapack
+from .knn import as_chunk_size, as_k, auto_lengthscale, default_chunk_size, knn_search
+from .linalg import robust_cholesky, serial_lapack
+from .precision import HALF, no_autocast, work_dtype
 
 __all__ = ["sparse_krr", "exact_krr", "continuity_weights"]
-
-# Elements of the per-chunk local tensors (B, k, d + k + c): 2^22 floats = 16 MiB in float32. Blocks
-# under glibc's 32 MiB mmap limit are recycled by malloc; larger ones are mapped afresh for every chunk
-# and their page faults were measured to cost more than the arithmetic (1.4x on the whole local phase).
-LOCAL_BLOCK_ELEMENTS = 1 << 22
 
 
 # -- validation ---------------------------------------------------------------------------------------
@@ -53,32 +85,184 @@ def _check_tensor(name: str, t: Tensor, dims: tuple[int, ...]) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype} (one-hot encode labels)")
-    # One summation detects NaN or inf (they propagate); only a suspicious sum (which may also be an
-    # overflow of finite values) pays for the elementwise check.
-    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def check_inputs(z: Tensor, x: Tensor, y: Tensor | None, k: int | None = None) -> None:
-    """Raise ValueError naming the problem for inputs that the contract rejects."""
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+def _is_labels(y: Tensor) -> bool:
+    return not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
+
+
+def as_num_classes(num_classes) -> int | None:
+    """None, or C as a Python int >= 1 (any integer type); ValueError otherwise."""
+    if num_classes is None:
+        return None
+    try:
+        value = as_k(num_classes)
+    except ValueError:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}") from None
+    return value
+
+
+def check_shapes(z: Tensor, x: Tensor, y: Tensor | None, num_classes: int | None = None) -> bool:
+    """Shape, dtype and device checks that need no synchronisation; True when y holds class labels.
+    ``num_classes`` must already be a Python int (``as_num_classes``)."""
     _check_tensor("z", z, (2,))
     _check_tensor("x", x, (2,))
+    for name, t in (("z", z), ("x", x)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if x.shape[0] == 0:
         raise ValueError("empty support set: x has no rows")
     if z.shape[1] != x.shape[1]:
         raise ValueError(f"feature size mismatch: z has d={z.shape[1]} but x has d={x.shape[1]}")
+    labels = False
     if y is not None:
         _check_tensor("y", y, (1, 2))
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"row mismatch: y has {y.shape[0]} rows but x has {x.shape[0]}")
+        labels = _is_labels(y)
+        if labels:
+            if num_classes is None:
+                raise ValueError(f"y is an integer tensor ({y.dtype}): class labels need num_classes=C "
+                                 "(or pass one-hot / regression targets as floats)")
+            if y.dim() != 1:
+                raise ValueError(f"integer labels must be one-dimensional (N,), got shape {tuple(y.shape)}")
+        elif not y.is_floating_point():
+            raise ValueError(f"y must be floating-point targets or integer labels, got {y.dtype}")
+        elif num_classes is not None and (y.dim() != 2 or y.shape[1] != num_classes):
+            raise ValueError(f"num_classes={num_classes} is for integer labels; float targets of shape "
+                             f"{tuple(y.shape)} do not have {num_classes} columns")
     if z.device != x.device or (y is not None and y.device != x.device):
         raise ValueError("z, x and y must be on the same device")
-    if z.dtype != x.dtype:
-        raise ValueError(f"dtype mismatch: z is {z.dtype} but x is {x.dtype} (y is cast to z's dtype)")
+    return labels
+
+
+def check_inputs(z: Tensor, x: Tensor, y: Tensor | None, k: int | None = None,
+                 num_classes: int | None = None) -> None:
+    """Raise ValueError naming the problem for inputs that the contract rejects (all checks, one
+    synchronisation)."""
+    if k is not None:
+        as_k(k)
+    num_classes = as_num_classes(num_classes)
+    labels = check_shapes(z, x, y, num_classes)
+    device_checks(z, x, y, labels=labels, num_classes=num_classes)
+
+
+def _sum(t: Tensor) -> Tensor:
+    return t.sum(dtype=torch.float32) if t.dtype in HALF else t.sum()
+
+
+def device_checks(z: Tensor, x: Tensor, y: Tensor | None, lengthscale=None, ridge=None, labels: bool = False,
+                  num_classes: int | None = None, indices: Tensor | None = None) -> None:
+    """The checks that read the tensors' values, fused into one boolean and one host synchronisation.
+
+    One summation per tensor detects NaN or inf (they propagate; tensor hyperparameters are added to the
+    same sum); only a failed check pays for the elementwise checks that name the culprit (a finite
+    tensor whose sum overflows passes them).
+    """
+    total = _sum(z) + _sum(x)
+    if y is not None and not labels:
+        total = total + _sum(y)
+    ls = lengthscale.detach() if isinstance(lengthscale, Tensor) else None
+    lam = ridge.detach() if isinstance(ridge, Tensor) else None
+    for v in (ls, lam):
+        if v is not None:
+            total = total + v.reshape(())
+    ok = (total - total) == 0                 # False for NaN and +-inf
+    if ls is not None:
+        ok = ok & (ls.reshape(()) > 0)
+    if lam is not None:
+        ok = ok & (lam.reshape(()) >= 0)
+    if labels and y.numel():
+        lo, hi = torch.aminmax(y)
+        ok = ok & (lo >= 0) & (hi < num_classes)
+    if indices is not None and indices.numel():
+        lo, hi = torch.aminmax(indices)
+        ok = ok & (lo >= 0) & (hi < x.shape[0])
+    if bool(ok):                    # the one synchronisation
+        return
+    for name, t in (("z", z), ("x", x), ("y", None if labels else y)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    if isinstance(lengthscale, Tensor):
+        check_lengthscale(lengthscale)
+    if isinstance(ridge, Tensor):
+        check_ridge(ridge)
+    if labels and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels out of range [0, {num_classes}) for num_classes={num_classes}")
+    if indices is not None and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= x.shape[0]):
+        raise ValueError(f"indices out of range [0, {x.shape[0]})")
+
+
+def check_lengthscale(lengthscale) -> None:
+    """A finite lengthscale > 0 (float or one-element tensor); ValueError otherwise."""
+    if isinstance(lengthscale, Tensor):
+        ok = lengthscale.numel() == 1 and math.isfinite(value := float(lengthscale.detach())) and value > 0
+    else:
+        try:
+            value = float(lengthscale)
+        except (TypeError, ValueError):
+            value = float("nan")
+        ok = math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"lengthscale must be finite and positive, got {lengthscale!r}")
+
+
+def check_ridge(ridge) -> None:
+    """A finite ridge >= 0 (float or one-element tensor); ValueError otherwise."""
+    if isinstance(ridge, Tensor):
+        if ridge.numel() != 1:
+            raise ValueError(f"ridge must be a scalar, got shape {tuple(ridge.shape)}")
+        value = float(ridge.detach())
+    else:
+        try:
+            value = float(ridge)
+        except (TypeError, ValueError):
+            raise ValueError(f"ridge must be a finite scalar, got {ridge!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"ridge must be a finite scalar, got {ridge!r}")
+    if value < 0:
+        raise ValueError(f"negative ridge {value:g}: the ridge must be >= 0")
+
+
+def _check_scalar_python(name: str, value, positive: bool) -> None:
+    """Python-side check of a hyperparameter: floats now, tensors only for their shape (their values
+    go to the fused device check)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+        return
+    if name == "lengthscale":
+        check_lengthscale(value)
+    else:
+        check_ridge(value)
+
+
+def resolve_kernel(kernel, lengthscale) -> tuple[type[Kernel], float | Tensor | str]:
+    """The kernel class and the lengthscale to use.
+
+    ``kernel`` is a name, a ``sk.Kernel`` subclass or a ``sk.Kernel`` instance. An instance brings its
+    own lengthscale (a tensor; its gradient reaches the instance's ``log_lengthscale``), so passing a
+    ``lengthscale`` as well is ambiguous and raises. With a name or a class, ``lengthscale=None``
+    means 1.0.
+    """
+    if isinstance(kernel, Kernel):
+        if lengthscale is not None:
+            raise ValueError(f"kernel={type(kernel).__name__}(...) instance carries its own lengthscale "
+                             f"({float(kernel.lengthscale.detach()):.4g}); pass lengthscale= only with a kernel "
+                             "name, or set it on the instance")
+        return type(kernel), kernel.lengthscale
+    if isinstance(kernel, type) and issubclass(kernel, Kernel):
+        kern = kernel
+    else:
+        kern = kernel_class(kernel)
+    if lengthscale is None:
+        return kern, 1.0
+    if isinstance(lengthscale, str):
+        if lengthscale != "auto":
+            raise ValueError(f"lengthscale must be a positive number, a 0-dim tensor or 'auto', got {lengthscale!r}")
+        return kern, lengthscale
+    _check_scalar_python("lengthscale", lengthscale, True)
+    return kern, lengthscale
 
 
 def resolve_lengthscale(lengthscale, x: Tensor, k: int) -> float | Tensor:
@@ -87,26 +271,20 @@ def resolve_lengthscale(lengthscale, x: Tensor, k: int) -> float | Tensor:
         if lengthscale != "auto":
             raise ValueError(f"lengthscale must be a positive number, a 0-dim tensor or 'auto', got {lengthscale!r}")
         return auto_lengthscale(x, k=k)
-    value = lengthscale.detach() if isinstance(lengthscale, Tensor) else torch.as_tensor(float(lengthscale))
-    if value.numel() != 1 or not bool(torch.isfinite(value).all()) or float(value) <= 0:
-        raise ValueError(f"lengthscale must be finite and positive, got {lengthscale!r}")
+    check_lengthscale(lengthscale)
     return lengthscale
 
 
-def check_ridge(ridge) -> None:
-    value = ridge.detach() if isinstance(ridge, Tensor) else torch.as_tensor(float(ridge))
-    if value.numel() != 1 or not bool(torch.isfinite(value).all()):
-        raise ValueError(f"ridge must be a finite scalar, got {ridge!r}")
-    if float(value) < 0:
-        raise ValueError(f"negative ridge {float(value):g}: the ridge must be >= 0")
-
-
-def _resolve_kernel(kernel) -> type[Kernel]:
-    if isinstance(kernel, Kernel):
-        return type(kernel)
-    if isinstance(kernel, type) and issubclass(kernel, Kernel):
-        return kernel
-    return kernel_class(kernel)
+def check_indices(indices: Tensor, m: int, need: int) -> Tensor:
+    """Shape and dtype of precomputed neighbour indices (their range goes to the fused device check)."""
+    if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.shape[0] != m:
+        shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
+        raise ValueError(f"indices must be a tensor of shape (M={m}, k'), got {shape}")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.shape[1] < need:
+        raise ValueError(f"indices has {indices.shape[1]} columns but {need} neighbours are needed (k' >= k)")
+    return indices[:, :need]
 
 
 def _cast(value, dtype: torch.dtype):
@@ -115,147 +293,255 @@ def _cast(value, dtype: torch.dtype):
 
 # -- the local solves ---------------------------------------------------------------------------------
 def continuity_weights(sq_dist: Tensor, taper: float) -> Tensor:
-    """omega (B, k+1) for the k+1 nearest squared distances (B, k+1); 0 at the (k+1)-th (see module doc)."""
+    """omega (B, k+1) for the k+1 nearest squared distances (B, k+1), in the search's order; 0 at the
+    farthest. All k+1 equal (to rounding): 1 for the first k, 0 for the last (see the module doc)."""
     hi = sq_dist.max(1, keepdim=True).values
     lo = sq_dist.min(1, keepdim=True).values
-    span = (taper * (hi - lo)).clamp_min(torch.finfo(sq_dist.dtype).tiny)
-    t = ((hi - sq_dist) / span).clamp(0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    eps = torch.finfo(sq_dist.dtype).eps
+    span = hi - lo
+    t = ((hi - sq_dist) / (taper * span).clamp_min(torch.finfo(sq_dist.dtype).tiny)).clamp(0.0, 1.0)
+    w = t * t * (3.0 - 2.0 * t)
+    # Distances computed from one matmul agree to ~eps r^2; a range below that is a tie of all k + 1.
+    tie = span <= 16.0 * eps * hi
+    hard = torch.ones_like(w[:1])
+    hard[:, -1] = 0.0
+    return torch.where(tie, hard, w)
 
 
-def local_predict(zc: Tensor, xg: Tensor, yg: Tensor, kern: type[Kernel], lengthscale, ridge,
-                  continuous: bool = False, taper: float = 0.5) -> Tensor:
-    """f for one chunk: zc (B, d), gathered neighbours xg (B, k, d) and targets yg (B, k, c) -> (B, c)."""
-    kzx, kxx, d2z = kern.local(zc, xg, lengthscale)
+def _local_chunk(zc: Tensor, xg: Tensor, yg: Tensor, kern: type[Kernel], lengthscale, ridge_eye: Tensor,
+                 continuous: bool, taper: float, num_classes: int | None, robust: bool):
+    """Outputs (B, c) for one chunk, and (unless ``robust``) a 0-dim device flag: did a factorisation fail.
+
+    zc (B, d), xg (B, k, d) gathered neighbours in the work dtype (modified in place: the caller owns
+    it), yg (B, k, c) gathered targets or (B, k) gathered labels.
+    """
+    if kern.stationary:
+        # Centre the neighbours on their query. In place on the chunk's own block when no graph is
+        # recorded; otherwise out of place (xg is a view: in place would make autograd copy the block),
+        # and as xg + (-z), whose backward sums the (B, k, d) gradient before negating it.
+        xc = xg.sub_(zc.unsqueeze(1)) if not xg.requires_grad and not zc.requires_grad else xg + zc.neg().unsqueeze(1)
+        kzx, kxx, d2z = kern.local_offsets(xc, lengthscale)
+    else:
+        kzx, kxx, d2z = kern.local(zc, xg, lengthscale)
     if continuous:
         omega = continuity_weights(d2z, taper)
         kxx = omega.unsqueeze(2) * kxx * omega.unsqueeze(1)
         kzx = kzx * omega
-        yg = yg * omega.unsqueeze(2)
-    eye = torch.eye(kxx.shape[-1], dtype=kxx.dtype, device=kxx.device)
-    chol = robust_cholesky(kxx + ridge * eye)                             # (B, k, k) lower
-    # f = kzx^T (L L^T)^{-1} Y = (L^{-1} kzx)^T (L^{-1} Y): one forward substitution with the k + c
-    # right-hand sides [kzx | Y] instead of a forward and a backward one (cholesky_solve).
-    with serial_lapack(chol):
-        w = torch.linalg.solve_triangular(chol, torch.cat([kzx.unsqueeze(2), yg], dim=2), upper=False)
-    return (w[:, :, :1] * w[:, :, 1:]).sum(1)
+    system = kxx + ridge_eye
+    with serial_lapack(system):
+        if robust:
+            chol, failed = robust_cholesky(system), None
+        else:
+            chol, info = torch.linalg.cholesky_ex(system)
+            failed = info.ne(0).any()
+        if num_classes is not None:
+            # beta = (K + lambda I)^{-1} k_z = L^{-T} (L^{-1} k_z), then f_c = sum of beta over the neighbours
+            # labelled c. Two triangular solves: measured faster than cholesky_solve on the CPU.
+            w = torch.linalg.solve_triangular(chol, kzx.unsqueeze(2), upper=False)
+            beta = torch.linalg.solve_triangular(chol.mT, w, upper=True).squeeze(2)
+            if continuous:
+                beta = beta * omega
+            out = beta.new_zeros(beta.shape[0], num_classes).scatter_add(1, yg, beta)
+        else:
+            if continuous:
+                yg = yg * omega.unsqueeze(2)
+            # f = kzx^T (L L^T)^{-1} Y = (L^{-1} kzx)^T (L^{-1} Y): one forward substitution with the k + c
+            # right-hand sides [kzx | Y] instead of a forward and a backward one (cholesky_solve).
+            w = torch.linalg.solve_triangular(chol, torch.cat([kzx.unsqueeze(2), yg], dim=2), upper=False)
+            out = (w[:, :, :1] * w[:, :, 1:]).sum(1)
+    return out, failed
 
 
-def sparse_krr_core(z: Tensor, x: Tensor, y2: Tensor, idx: Tensor, kern: type[Kernel], lengthscale, ridge,
+def balanced_rows(m: int, rows: int, device: torch.device) -> int:
+    """Rows per chunk, at most ``rows``, such that the chunks split evenly over ``map_chunks``' threads
+    (13 chunks on 2 threads leave one thread idle for the last; 14 do not)."""
+    threads = torch.get_num_threads()
+    chunks = -(-m // rows)
+    if device.type != "cpu" or threads == 1 or chunks < 2:
+        return rows
+    chunks = -(-chunks // threads) * threads
+    return -(-m // chunks)
+
+
+def map_chunks(fn, starts, device: torch.device) -> list:
+    """``[fn(s) for s in starts]``; on a CPU with several torch threads, chunks run in parallel instead,
+    one per thread, each op single-threaded.
+
+    A chunk of local solves is many small operations (a 32 x 32 factorisation is a few microseconds), and
+    torch runs a batch of them one matrix at a time on one thread (``serial_lapack``): with one chunk per
+    thread all cores work on them, and a busy core slows only its own chunks instead of stalling every
+    parallel region. Thread-local state that matters to the chunks (grad mode, inference mode) is passed
+    on; the torch thread count (process state) is 1 while they run.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(starts) < 2:
+        return [fn(s) for s in starts]
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def task(start):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(start)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            return list(pool.map(task, starts))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _needs_graph(*values) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad for v in values)
+
+
+def sparse_krr_core(z: Tensor, x: Tensor, y: Tensor, idx: Tensor, kern: type[Kernel], lengthscale, ridge,
                     chunk_size: int | None = None, solve_dtype: torch.dtype | None = None,
-                    continuous: bool = False, taper: float = 0.5) -> Tensor:
-    """SK on validated inputs: y2 (N, c), neighbour indices idx (M, k) -> (M, c). No checks here."""
+                    continuous: bool = False, taper: float = 0.5, num_classes: int | None = None) -> Tensor:
+    """SK on validated inputs: neighbour indices idx (M, k) -> (M, c). No checks here.
+
+    ``y`` is (N, c) float targets, or (N,) integer labels with ``num_classes`` (the label path).
+    """
     m, d = z.shape
     k = idx.shape[1]
-    out_dtype = z.dtype
-    work = solve_dtype or z.dtype
+    work = work_dtype(z.dtype, x.dtype, solve_dtype=solve_dtype)
     ls, lam = _cast(lengthscale, work), _cast(ridge, work)
-    if kern.stationary:
-        # A stationary kernel does not see a common shift; centring on the support mean keeps the
-        # rounding error of the local matmul expansion (about eps ||x||^2) small next to the distances.
-        centre = x.detach().mean(0)
-        x, z = x - centre, z - centre
-    # Without a gradient to x the gathered neighbours, the one large per-chunk tensor, go to a single
-    # reused buffer instead of fresh memory per chunk.
-    reuse = not (torch.is_grad_enabled() and x.requires_grad)
-    chunk = chunk_size or default_chunk_size(m, k * (d + k + y2.shape[1]), LOCAL_BLOCK_ELEMENTS)
-    gathered = x.new_empty(min(chunk, m) * k, d) if reuse else None
-    out = []
-    for start in range(0, m, chunk):
-        ic = idx[start:start + chunk]
+    labels = num_classes is not None
+    c = num_classes if labels else y.shape[1]
+    if m == 0:
+        return z.new_zeros(0, c)
+    esize = torch.finfo(work).bits // 8
+    # One point's working set: its neighbours (k, d), a few k x k matrices, its gathered targets (k, c)
+    # or labels and beta, and its output row.
+    row_bytes = esize * (k * (d + 4 * k + (1 if labels else c)) + c)
+    rows = chunk_size or balanced_rows(m, local_rows(m, row_bytes, z.device), z.device)
+    ridge_eye = lam * torch.eye(k, dtype=work, device=z.device)
+    graph = _needs_graph(z, x, None if labels else y, ls, lam)
+    # Without a graph, the gathered neighbours, the one large per-chunk tensor, go to a buffer reused by
+    # every chunk (one per worker thread).
+    reuse = not graph and x.dtype == work
+    buffers = threading.local()
+
+    def run(start: int, robust: bool = False):
+        ic = idx[start:start + rows]
         b = ic.shape[0]
         flat = ic.reshape(-1)
         if reuse:
-            xg = torch.index_select(x, 0, flat, out=gathered[:b * k]).view(b, k, d).to(work)
+            buffer = getattr(buffers, "xg", None)
+            if buffer is None:
+                buffer = buffers.xg = x.new_empty(min(rows, m) * k, d)
+            xg = torch.index_select(x, 0, flat, out=buffer[:b * k]).view(b, k, d)
         else:
             xg = x.index_select(0, flat).view(b, k, d).to(work)
-        yg = y2.index_select(0, flat).view(b, k, -1).to(work)
-        out.append(local_predict(z[start:start + chunk].to(work), xg, yg, kern, ls, lam, continuous, taper))
-    if not out:
-        return z.new_zeros(0, y2.shape[1], dtype=out_dtype)
-    return torch.cat(out).to(out_dtype)
+        yg = y.index_select(0, flat).view(b, k) if labels else y.index_select(0, flat).view(b, k, c).to(work)
+        return _local_chunk(z[start:start + rows].to(work), xg, yg, kern, ls, ridge_eye, continuous, taper,
+                            num_classes, robust)
+
+    starts = range(0, m, rows)
+    outs, failed = zip(*map_chunks(run, starts, z.device))
+    outs = list(outs)
+    flags = failed[0] if len(failed) == 1 else torch.stack(failed).any()
+    if bool(flags):                 # the loop's one synchronisation
+        for j in [j for j, f in enumerate(failed) if bool(f)]:
+            outs[j], _ = run(starts[j], robust=True)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.to(z.dtype)
 
 
-def check_indices(indices: Tensor, m: int, n: int, need: int, device) -> Tensor:
-    if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.shape[0] != m:
-        shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
-        raise ValueError(f"indices must be a tensor of shape (M={m}, k'), got {shape}")
-    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-    if indices.shape[1] < need:
-        raise ValueError(f"indices has {indices.shape[1]} columns but {need} neighbours are needed (k' >= k)")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-        raise ValueError(f"indices out of range [0, {n})")
-    return indices[:, :need].to(device=device, dtype=torch.long)
-
-
-def sparse_krr(z: Tensor, x: Tensor, y: Tensor, k: int = 32, kernel: str = "gaussian",
-               lengthscale: float | Tensor | str = 1.0, ridge: float | Tensor = 1e-3,
+def sparse_krr(z: Tensor, x: Tensor, y: Tensor, k: int = 32, kernel: str | Kernel = "gaussian",
+               lengthscale: float | Tensor | str | None = None, ridge: float | Tensor = 1e-3,
                chunk_size: int | None = None, backend: str = "torch", solve_dtype: torch.dtype | None = None,
-               indices: Tensor | None = None, continuous: bool = False, taper: float = 0.5) -> Tensor:
+               indices: Tensor | None = None, continuous: bool = False, taper: float = 0.5,
+               num_classes: int | None = None) -> Tensor:
     """Sparse Kernel prediction: a k x k kernel ridge regression around each evaluation point.
 
     Args:
-        z: (M, d) evaluation points. x: (N, d) support representations. y: (N, c) or (N,) targets.
-        k: neighbours per point (k >= N uses all N: exact KRR).
-        kernel: a name in ``sk.KERNELS`` (gaussian, laplacian, matern32, matern52, imq, linear).
-        lengthscale: float or 0-dim tensor > 0 (gets its gradient if it requires grad), or ``"auto"``
-            (``sk.auto_lengthscale(x, k)``).
+        z: (M, d) evaluation points. x: (N, d) support representations (z and x may differ in floating
+            dtype; they meet in the wider one).
+        y: (N, c) or (N,) float targets, or (N,) integer class labels with ``num_classes`` (the label
+            path: scores as with one-hot targets, without forming them; see the module doc).
+        k: neighbours per point, any integer type (k >= N uses all N: exact KRR).
+        kernel: a name in ``sk.KERNELS`` (gaussian, laplacian, matern32, matern52, imq, linear), a
+            ``sk.Kernel`` subclass, or a ``sk.Kernel`` instance, whose own lengthscale is used (and gets
+            its gradient when learnable); with an instance, leave ``lengthscale`` unset.
+        lengthscale: float or 0-dim tensor > 0 (gets its gradient if it requires grad), ``"auto"``
+            (``sk.auto_lengthscale(x, k)``), or None: 1.0, or the kernel instance's.
         ridge: lambda >= 0, float or 0-dim tensor.
-        chunk_size: evaluation points per chunk of the local solves (default: bounded (B, k, d) blocks);
-            the search chooses its own chunks from (M, N).
+        chunk_size: evaluation points per chunk of the local solves (default: the device's local budget,
+            ``sk.budget``); the search sizes its own chunks from (M, N) and the search budget.
         backend: neighbour search, ``"torch"`` | ``"faiss"`` | ``"faiss-ivf"`` (see ``sk.knn_search``).
         solve_dtype: e.g. ``torch.float64`` to form and solve the local systems in float64 when the inputs
-            are float32 (the result is cast back).
+            are float32 (the result is cast back). Default: the inputs' dtype, float32 for half precision.
         indices: precomputed neighbour indices (M, k') sorted by distance, k' >= k (k + 1 with
             ``continuous``); the first k are used, so one search serves a sweep over k, kernel,
             lengthscale and ridge.
         continuous: weights that vanish at the (k+1)-th neighbour make f continuous in z (module doc).
         taper: width of the weight fall-off for ``continuous``, in (0, 1].
+        num_classes: C, with integer labels ``y``.
 
     Returns:
-        (M, c), or (M,) for one-dimensional y; dtype and device of z.
+        (M, c), (M, C) for labels, or (M,) for one-dimensional float y; z's dtype and device.
     """
-    check_inputs(z, x, y, k)
-    kern = _resolve_kernel(kernel)
-    check_ridge(ridge)
+    k = as_k(k)
+    chunk_size = as_chunk_size(chunk_size)
+    num_classes = as_num_classes(num_classes)
+    labels = check_shapes(z, x, y, num_classes)
+    kern, lengthscale = resolve_kernel(kernel, lengthscale)
+    _check_scalar_python("ridge", ridge, False)
     if continuous and not 0.0 < taper <= 1.0:
         raise ValueError(f"taper must be in (0, 1], got {taper}")
     n = x.shape[0]
     k_eff = min(k, n)
     continuous = continuous and k < n  # with k >= N the neighbour set never changes
     need = k_eff + 1 if continuous else k_eff
-    lengthscale = resolve_lengthscale(lengthscale, x, k_eff)
-    y2 = (y.unsqueeze(1) if y.dim() == 1 else y).to(z.dtype)
-    if indices is None:
-        _, idx = knn_search(z, x, need, backend=backend)
-    else:
-        idx = check_indices(indices, z.shape[0], n, need, z.device)
-    out = sparse_krr_core(z, x, y2, idx, kern, lengthscale, ridge, chunk_size, solve_dtype, continuous, taper)
-    return out.squeeze(1) if y.dim() == 1 else out
+    if indices is not None:
+        indices = check_indices(indices, z.shape[0], need)
+    with no_autocast(z.device):
+        device_checks(z, x, y, lengthscale, ridge, labels=labels, num_classes=num_classes, indices=indices)
+        if isinstance(lengthscale, str):
+            lengthscale = auto_lengthscale(x, k=k_eff)
+        if indices is None:
+            _, idx = knn_search(z, x, need, backend=backend)
+        else:
+            idx = indices.to(device=z.device, dtype=torch.long)
+        y2 = y.long() if labels else y if y.dim() == 2 else y.unsqueeze(1)
+        out = sparse_krr_core(z, x, y2, idx, kern, lengthscale, ridge, chunk_size, solve_dtype, continuous,
+                              taper, num_classes if labels else None)
+    return out.squeeze(1) if y.dim() == 1 and not labels else out
 
 
-def exact_krr(z: Tensor, x: Tensor, y: Tensor, kernel: str = "gaussian", lengthscale: float | Tensor | str = 1.0,
-              ridge: float | Tensor = 1e-3, chunk_size: int | None = None,
-              solve_dtype: torch.dtype | None = None) -> Tensor:
+def exact_krr(z: Tensor, x: Tensor, y: Tensor, kernel: str | Kernel = "gaussian",
+              lengthscale: float | Tensor | str | None = None, ridge: float | Tensor = 1e-3,
+              chunk_size: int | None = None, solve_dtype: torch.dtype | None = None,
+              num_classes: int | None = None) -> Tensor:
     """Exact kernel ridge regression f(Z) = K(Z, X) (K(X, X) + lambda I)^{-1} Y (Cholesky, jitter if singular).
 
     Holds the N x N system; the evaluation points are processed in chunks of ``chunk_size`` rows so no
-    M x N matrix is held whole. ``lengthscale="auto"`` uses ``sk.auto_lengthscale(x)``. Shapes and dtypes
-    as in :func:`sparse_krr`.
+    M x N matrix is held whole. ``lengthscale="auto"`` uses ``sk.auto_lengthscale(x)``. Kernels,
+    shapes, dtypes, integer labels (here one-hot encoded: the N x C solve needs them) and autocast as in
+    :func:`sparse_krr`.
     """
-    check_inputs(z, x, y)
-    kern = _resolve_kernel(kernel)
-    check_ridge(ridge)
-    lengthscale = resolve_lengthscale(lengthscale, x, 32)
-    work = solve_dtype or z.dtype
-    ls, lam = _cast(lengthscale, work), _cast(ridge, work)
-    y2 = (y.unsqueeze(1) if y.dim() == 1 else y).to(work)
-    xw = x.to(work)
-    n = x.shape[0]
-    gram = kern.gram(xw, xw, ls, same=True)
-    alpha = psd_solve(gram + lam * torch.eye(n, dtype=work, device=x.device), y2)   # (N, c)
-    chunk = chunk_size or default_chunk_size(z.shape[0], n)
-    out = [kern.gram(z[s:s + chunk].to(work), xw, ls) @ alpha for s in range(0, z.shape[0], chunk)]
-    res = torch.cat(out).to(z.dtype) if out else z.new_zeros(0, y2.shape[1])
-    return res.squeeze(1) if y.dim() == 1 else res
+    chunk_size = as_chunk_size(chunk_size)
+    num_classes = as_num_classes(num_classes)
+    labels = check_shapes(z, x, y, num_classes)
+    kern, lengthscale = resolve_kernel(kernel, lengthscale)
+    _check_scalar_python("ridge", ridge, False)
+    with no_autocast(z.device):
+        device_checks(z, x, y, lengthscale, ridge, labels=labels, num_classes=num_classes)
+        if isinstance(lengthscale, str):
+            lengthscale = auto_lengthscale(x, k=32)
+        work = work_dtype(z.dtype, x.dtype, solve_dtype=solve_dtype)
+        ls, lam = _cast(lengthscale, work), _cast(ridge, work)
+        if labels:
+            y2 = torch.nn.functional.one_hot(y.long(), num_classes).to(work)
+        else:
+            y2 = (y.unsqueeze(1) if y.dim() == 1 else y).to(work)
+        xw = x.to(work)
+        n = x.shape[0]
+        gram = kern.gram(xw, xw, ls, same=True)
+        factor = robust_cholesky(gram + lam * torch.eye(n, dtype=work, device=x.device))
+        with serial_lapack(factor):
+            alpha = torch.cholesky_solve(y2, factor)                                 # (N, c)
+        chunk = chunk_size or default_chunk_size(z.shape[0], n, device=z.device)
+        out = [kern.gram(z[s:s + chunk].to(work), xw, ls) @ alpha for s in range(0, z.shape[0], chunk)]
+        res = torch.cat(out).to(z.dtype) if out else z.new_zeros(0, y2.shape[1])
+    return res.squeeze(1) if y.dim() == 1 and not labels else res

@@ -3,14 +3,26 @@
 ``SKLayer`` maps evaluation points z (its input) to f(z) = SK prediction from a support set of
 representations X with targets Y. X and Y are each, independently,
 
-- a fixed buffer (cached backbone features, one-hot labels): pass the tensor;
+- a fixed buffer (cached backbone features, one-hot labels, integer labels with ``num_classes``):
+  pass the tensor. The layer holds the tensor it is given, not a copy (``copy=True`` asks for one), so
+  a large feature bank is never duplicated; changing the tensor in place changes the layer's support;
 - learned: pass the tensor and ``learn_representations=True`` / ``learn_targets=True`` (an
-  ``nn.Parameter`` initialised from it);
+  ``nn.Parameter`` initialised from a copy: an optimiser updates it in place, which must not write
+  into the caller's tensor; learned integer labels start as their one-hot encoding);
 - given per call: leave it ``None`` and pass ``forward(z, representations=..., targets=...)`` (e.g. the
   output of a trainable encoder on a support batch). A tensor passed per call also overrides a stored one.
 
 The kernel module inside holds the lengthscale (learnable with ``learn_lengthscale=True``, stored as its
 log); the ridge may be learned too (``learn_ridge=True``, stored as its log, so positive).
+``SKLayer.forward`` is ``sk.sparse_krr`` with the layer's tensors and options: one code path.
+
+Save and load: ``state_dict()`` carries, besides the tensors, the layer's configuration as extra state
+(kernel type and learnability, k, continuous, taper, backend, chunk_size, solve_dtype, num_classes,
+which sets are stored, fixed or learned). ``load_state_dict`` into any layer of the class, a bare
+``sk.SKLayer()`` or ``sk.SKClassifier()`` included, rebuilds that configuration first and then loads the
+tensors, so a saved SK head is restored without the code that built it. State dicts written before the
+extra state existed still load into a layer built with the same options. The extra state holds plain
+Python values only, so ``torch.load(..., weights_only=True)`` reads it.
 """
 from __future__ import annotations
 
@@ -18,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import Kernel, make_kernel
-from .knn import auto_lengthscale, knn_search
-from .krr import check_indices, check_inputs, check_ridge, sparse_krr_core
+from .kernels import KERNELS, Kernel, make_kernel
+from .knn import as_chunk_size, as_k, auto_lengthscale
+from .krr import _is_labels, as_num_classes, check_ridge, sparse_krr
 
 __all__ = ["SKLayer", "SKClassifier"]
+
+_STATE_FORMAT = 1
 
 
 class SKLayer(nn.Module):
@@ -30,8 +44,9 @@ class SKLayer(nn.Module):
 
     Args:
         representations: (N, d) support representations X, or None to pass them per call.
-        targets: (N, c) or (N,) targets Y, or None to pass them per call.
-        k: neighbours per evaluation point.
+        targets: (N, c) or (N,) float targets Y, (N,) integer labels with ``num_classes`` (the label path
+            of ``sk.sparse_krr``: logits (M, C) without one-hot targets), or None to pass them per call.
+        k: neighbours per evaluation point (any integer type).
         kernel: a kernel name (``"gaussian"``, ...) or a ``sk.Kernel`` module (then ``lengthscale`` and
             ``learn_lengthscale`` are taken from it).
         lengthscale: l > 0, or ``"auto"``: ``sk.auto_lengthscale`` of the stored representations at
@@ -42,32 +57,56 @@ class SKLayer(nn.Module):
         continuous: use the continuous SK variant (see ``sk.krr``): f continuous in z; needs ridge > 0.
         taper: fall-off width of the continuous weights, in (0, 1].
         backend, chunk_size, solve_dtype: as in ``sk.sparse_krr``.
+        num_classes: C, for integer label targets.
+        copy: store copies of fixed representations and targets (default: hold the given tensors).
 
-    Shapes: ``forward(z (M, d)) -> (M, c)``, or (M,) for one-dimensional targets.
+    Shapes: ``forward(z (M, d)) -> (M, c)``, (M, C) for labels, or (M,) for one-dimensional targets.
 
     Example::
 
-        layer = sk.SKLayer(feats, F.one_hot(labels, 10).float(), k=32, lengthscale="auto",
-                           learn_lengthscale=True)
+        layer = sk.SKLayer(feats, labels, k=32, num_classes=10, lengthscale="auto", learn_lengthscale=True)
         logits = layer(encoder(images))            # gradients reach the encoder and the lengthscale
+        torch.save(layer.state_dict(), "head.pt")
+        head = sk.SKLayer()
+        head.load_state_dict(torch.load("head.pt"))   # kernel, k, options and support restored
     """
+
+    _slots = ("representations", "targets")
 
     def __init__(self, representations: Tensor | None = None, targets: Tensor | None = None, k: int = 32,
                  kernel: str | Kernel = "gaussian", lengthscale: float | str = 1.0, ridge: float = 1e-3, *,
                  learn_representations: bool = False, learn_targets: bool = False,
                  learn_lengthscale: bool = False, learn_ridge: bool = False, continuous: bool = False,
                  taper: float = 0.5, backend: str = "torch", chunk_size: int | None = None,
-                 solve_dtype: torch.dtype | None = None):
+                 solve_dtype: torch.dtype | None = None, num_classes: int | None = None, copy: bool = False):
         super().__init__()
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self.k = as_k(k)
         if continuous and not 0.0 < taper <= 1.0:
             raise ValueError(f"taper must be in (0, 1], got {taper}")
         check_ridge(ridge)
-        self.k, self.continuous, self.taper = k, continuous, taper
-        self.backend, self.chunk_size, self.solve_dtype = backend, chunk_size, solve_dtype
-        self._store("representations", representations, learn_representations)
-        self._store("targets", targets, learn_targets)
+        num_classes = as_num_classes(num_classes)
+        self.continuous, self.taper = continuous, taper
+        self.backend, self.chunk_size, self.solve_dtype = backend, as_chunk_size(chunk_size), solve_dtype
+        self.num_classes = num_classes
+        if targets is not None and _is_labels(targets):
+            if num_classes is None:
+                raise ValueError("integer label targets need num_classes=C")
+            if targets.dim() != 1:
+                raise ValueError(f"integer label targets must be (N,), got shape {tuple(targets.shape)}")
+            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+                raise ValueError(f"labels must lie in [0, {num_classes})")
+            if learn_targets:
+                targets = F.one_hot(targets.long(), num_classes).to(torch.get_default_dtype())
+        for name, value, learn in (("representations", representations, learn_representations),
+                                   ("targets", targets, learn_targets)):
+            if value is None:
+                if learn:
+                    raise ValueError(f"learn_{name}=True needs an initial {name} tensor")
+                self._set_slot(name, None, None)
+            elif learn:
+                self._set_slot(name, nn.Parameter(value.detach().clone()), "parameter")
+            else:
+                self._set_slot(name, value.detach().clone() if copy else value.detach(), "buffer")
 
         self.auto_per_call = False
         if isinstance(kernel, Kernel):
@@ -80,7 +119,7 @@ class SKLayer(nn.Module):
                     self.auto_per_call = True
                     lengthscale = 1.0
                 else:
-                    lengthscale = auto_lengthscale(self.representations.detach(), k=k)
+                    lengthscale = auto_lengthscale(self.representations.detach(), k=self.k)
             self.kernel = make_kernel(kernel, lengthscale, learn_lengthscale)
 
         ridge_t = torch.as_tensor(float(ridge), dtype=torch.get_default_dtype())
@@ -91,55 +130,136 @@ class SKLayer(nn.Module):
         else:
             self.register_buffer("fixed_ridge", ridge_t)
 
-    def _store(self, name: str, value: Tensor | None, learn: bool) -> None:
-        if value is None:
-            if learn:
-                raise ValueError(f"learn_{name}=True needs an initial {name} tensor")
-            setattr(self, name, None)
-        elif learn:
-            setattr(self, name, nn.Parameter(value.detach().clone()))
+    # -- the support sets ---------------------------------------------------------------------------------
+    def _set_slot(self, name: str, value: Tensor | None, kind: str | None) -> None:
+        """Make ``name`` a parameter, a buffer or an empty (None) buffer, whatever it was before."""
+        self._parameters.pop(name, None)
+        self._buffers.pop(name, None)
+        self.__dict__.pop(name, None)
+        if kind == "parameter":
+            self.register_parameter(name, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
         else:
-            self.register_buffer(name, value.detach().clone())
+            self.register_buffer(name, value)
+
+    def _slot_kind(self, name: str) -> str | None:
+        if self._parameters.get(name) is not None:
+            return "parameter"
+        return "buffer" if self._buffers.get(name) is not None else None
 
     @property
     def ridge(self) -> Tensor:
         """lambda, a 0-dim tensor (exp of a parameter when learned)."""
-        return self.log_ridge.exp() if hasattr(self, "log_ridge") else self.fixed_ridge
+        return self.log_ridge.exp() if "log_ridge" in self._parameters else self.fixed_ridge
 
     def forward(self, z: Tensor, representations: Tensor | None = None, targets: Tensor | None = None,
                 indices: Tensor | None = None) -> Tensor:
-        """f(z): (M, d) -> (M, c) or (M,). ``indices`` (M, k') reuses a neighbour search (see sparse_krr)."""
+        """f(z): (M, d) -> (M, c), (M, C) or (M,). ``indices`` (M, k') reuses a search (see sparse_krr)."""
         x = representations if representations is not None else self.representations
         y = targets if targets is not None else self.targets
         if x is None or y is None:
             raise ValueError("no representations/targets stored: pass them to forward(z, representations, targets)")
-        check_inputs(z, x, y, self.k)
-        n = x.shape[0]
-        k = min(self.k, n)
-        continuous = self.continuous and self.k < n
-        need = k + 1 if continuous else k
-        if indices is None:
-            _, idx = knn_search(z, x, need, backend=self.backend)
+        if self.auto_per_call:
+            kernel, lengthscale = type(self.kernel), "auto"
         else:
-            idx = check_indices(indices, z.shape[0], n, need, z.device)
-        lengthscale = auto_lengthscale(x.detach(), k=k) if self.auto_per_call else self.kernel.lengthscale
-        y2 = (y.unsqueeze(1) if y.dim() == 1 else y).to(z.dtype)
-        out = sparse_krr_core(z, x, y2, idx, type(self.kernel), lengthscale, self.ridge, self.chunk_size,
-                              self.solve_dtype, continuous, self.taper)
-        return out.squeeze(1) if y.dim() == 1 else out
+            kernel, lengthscale = self.kernel, None
+        return sparse_krr(z, x, y, k=self.k, kernel=kernel, lengthscale=lengthscale, ridge=self.ridge,
+                          chunk_size=self.chunk_size, backend=self.backend, solve_dtype=self.solve_dtype,
+                          indices=indices, continuous=self.continuous, taper=self.taper,
+                          num_classes=self.num_classes if _is_labels(y) else None)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, continuous={self.continuous}, backend={self.backend!r}"
 
+    # -- save and load --------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The configuration that ``load_state_dict`` restores (plain Python values)."""
+        return {
+            "format": _STATE_FORMAT,
+            "k": self.k,
+            "kernel": self.kernel.name,
+            "learn_lengthscale": isinstance(self.kernel.log_lengthscale, nn.Parameter),
+            "learn_ridge": "log_ridge" in self._parameters,
+            "continuous": self.continuous,
+            "taper": self.taper,
+            "backend": self.backend,
+            "chunk_size": self.chunk_size,
+            "solve_dtype": None if self.solve_dtype is None else str(self.solve_dtype).replace("torch.", ""),
+            "auto_per_call": self.auto_per_call,
+            "num_classes": self.num_classes,
+            "slots": {name: self._slot_kind(name) for name in self._slots},
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not an sk layer state (format {_STATE_FORMAT}): {state!r:.200}")
+        self.k = int(state["k"])
+        self.continuous, self.taper = bool(state["continuous"]), float(state["taper"])
+        self.backend, self.chunk_size = state["backend"], state["chunk_size"]
+        self.solve_dtype = None if state["solve_dtype"] is None else getattr(torch, state["solve_dtype"])
+        self.auto_per_call, self.num_classes = bool(state["auto_per_call"]), state["num_classes"]
+
+    def _home_device(self) -> torch.device:
+        return (self.log_ridge if "log_ridge" in self._parameters else self.fixed_ridge).device
+
+    def _restructure(self, state: dict, state_dict: dict, prefix: str) -> None:
+        """Make this layer's tensors the kind (buffer, parameter, None), shape and kind of dtype (labels or
+        floats) that the saved layer had, and its kernel the saved type, so that the ordinary loading of
+        the tensors that follows fills them. Matching slots are left alone (an optimiser may hold them)."""
+        device = self._home_device()
+        for name, kind in state["slots"].items():
+            saved = state_dict.get(prefix + name)
+            if kind is None:
+                if self._slot_kind(name) is not None:
+                    self._set_slot(name, None, None)
+                continue
+            if saved is None:
+                continue  # a strict load reports the missing key
+            have = getattr(self, name)
+            if (self._slot_kind(name) != kind or have.shape != saved.shape
+                    or have.is_floating_point() != saved.is_floating_point()):
+                self._set_slot(name, torch.empty(saved.shape, dtype=saved.dtype, device=device), kind)
+        learn_ridge = bool(state["learn_ridge"])
+        if learn_ridge != ("log_ridge" in self._parameters):
+            dtype = self.ridge.dtype
+            self._parameters.pop("log_ridge", None)
+            self._buffers.pop("fixed_ridge", None)
+            if learn_ridge:
+                self.log_ridge = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
+            else:
+                self.register_buffer("fixed_ridge", torch.zeros((), dtype=dtype, device=device))
+        name, learn = state["kernel"], bool(state["learn_lengthscale"])
+        if name in KERNELS and (self.kernel.name != name
+                                or isinstance(self.kernel.log_lengthscale, nn.Parameter) != learn):
+            self.kernel = make_kernel(name, 1.0, learn).to(device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_extra_state"
+        state = state_dict.get(key)
+        if isinstance(state, dict) and state.get("format") == _STATE_FORMAT:
+            self._restructure(state, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # saved before the extra state existed: the layer's own options stay
+
 
 class SKClassifier(SKLayer):
-    """Training-free classifier: SK regression on one-hot labels; logits (M, C) = f(z).
+    """Training-free classifier: SK on integer labels; logits (M, C) = f(z), never one-hot targets.
+
+    With fixed targets (the default) the logits come from the label path of ``sk.sparse_krr``: one
+    solve per point and a scatter-add by label, so time and memory do not grow with C beyond the (M, C)
+    logits. With ``learn_targets=True`` the targets are a learned (N, C) parameter initialised one-hot.
 
     Args:
         features: (N, d) support features. labels: (N,) integers in [0, num_classes).
         num_classes: C. k, kernel, lengthscale (default ``"auto"``), ridge: as in ``SKLayer``.
-        normalize: L2-normalise features and inputs first (usual for self-supervised features).
+        normalize: L2-normalise features and inputs first (usual for self-supervised features); the
+            stored features are then a normalised copy.
+        copy: store a copy of the features (default: hold the given tensor, unless normalised).
         **layer_kwargs: other ``SKLayer`` options (learn_*, continuous, backend, solve_dtype, ...).
+
+    ``SKClassifier()`` with no arguments is an empty classifier for ``load_state_dict``.
 
     Example::
 
@@ -147,20 +267,30 @@ class SKClassifier(SKLayer):
         acc = (clf.predict(test_feats) == test_labels).float().mean()
     """
 
-    def __init__(self, features: Tensor, labels: Tensor, num_classes: int, k: int = 32,
-                 kernel: str | Kernel = "gaussian", lengthscale: float | str = "auto", ridge: float = 1e-3, *,
-                 normalize: bool = False, **layer_kwargs):
-        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-            raise ValueError(f"labels must be (N,) with N={features.shape[0]}, got shape {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes})")
+    def __init__(self, features: Tensor | None = None, labels: Tensor | None = None,
+                 num_classes: int | None = None, k: int = 32, kernel: str | Kernel = "gaussian",
+                 lengthscale: float | str = "auto", ridge: float = 1e-3, *, normalize: bool = False,
+                 copy: bool = False, **layer_kwargs):
+        if (features is None) != (labels is None):
+            raise ValueError("pass both features and labels, or neither (an empty classifier to load)")
+        if labels is not None:
+            if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+                raise ValueError(f"labels must be (N,) with N={features.shape[0]}, got shape {tuple(labels.shape)}")
+            if not _is_labels(labels):
+                raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+            if num_classes is None:
+                raise ValueError("num_classes is required with labels")
+            if normalize:
+                features = F.normalize(features, dim=1)
         self.normalize = normalize
-        if normalize:
-            features = F.normalize(features, dim=1)
-        targets = F.one_hot(labels.long(), num_classes).to(features.dtype)
-        super().__init__(features, targets, k, kernel, lengthscale, ridge, **layer_kwargs)
-        self.num_classes = num_classes
-        self.register_buffer("labels", labels.detach().clone().long())
+        super().__init__(features, labels, k, kernel, lengthscale, ridge, num_classes=num_classes, copy=copy,
+                         **layer_kwargs)
+
+    @property
+    def labels(self) -> Tensor | None:
+        """The support labels (N,): the stored integer targets, or the argmax of learned targets."""
+        t = self.targets
+        return t if t is None or _is_labels(t) else t.detach().argmax(1)
 
     def forward(self, z: Tensor, representations: Tensor | None = None, targets: Tensor | None = None,
                 indices: Tensor | None = None) -> Tensor:
@@ -178,3 +308,10 @@ class SKClassifier(SKLayer):
         """Predicted labels (M,), computed in chunks of ``chunk_size`` points without gradients."""
         preds = [self(z[s:s + chunk_size]).argmax(1) for s in range(0, z.shape[0], chunk_size)]
         return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=z.device)
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "normalize": self.normalize}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.normalize = bool(state.get("normalize", False))

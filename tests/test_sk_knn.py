@@ -122,6 +122,7 @@ def test_auto_lengthscale_rule():
     assert 0.7 * float(expect) < sub < 1.3 * float(expect)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_search_matches_cpu():
     g = torch.Generator().manual_seed(0)
@@ -141,8 +142,32 @@ def test_missing_faiss_gives_a_clear_import_error(monkeypatch):
 
 
 def test_mixed_precision_inputs():
-    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="dtype mismatch"):
-        sk.sparse_krr(torch.randn(5, 4), x, y, k=4)
-    f = sk.sparse_krr(torch.randn(5, 4), x.float(), y, k=4)      # y follows z
+    """z and x of different floating dtypes meet in the wider one; the result has z's dtype."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g, dtype=torch.float64)
+    z = torch.randn(5, 4, generator=g)
+    f = sk.sparse_krr(z, x, y, k=4)
+    assert f.dtype == torch.float32
+    assert torch.allclose(f.double(), sk.sparse_krr(z.double(), x, y, k=4), rtol=1e-6, atol=1e-7)
+    f = sk.sparse_krr(z, x.float(), y, k=4)      # y follows z
     assert f.dtype == torch.float32 and torch.isfinite(f).all()
+
+
+def test_ties_at_every_chunk_boundary_resolved_after_the_loop():
+    """Many rows with ties (duplicated support points, integer coordinates so that every score is exact
+    whatever the matmul's summation order), searched one row per chunk and all at once: the lower index
+    first, sorted, whatever the chunking (ties are fixed after the loop, not per chunk)."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randint(-3, 4, (40, 5), generator=g).float()
+    x = torch.cat([base, base, base[:10]])                     # every point twice, some three times
+    z = torch.cat([base[:15], torch.randint(-3, 4, (10, 5), generator=g).float()])
+    expect = reference_knn(z, x, 6)[1]
+    for chunk in (1, 4, None):
+        _, idx = sk.knn_search(z, x, 6, chunk_size=chunk)
+        assert torch.equal(idx, expect), chunk
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_bad_chunk_size_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="chunk_size"):
+        sk.knn_search(torch.randn(3, 2), torch.randn(9, 2), 2, chunk_size=bad)

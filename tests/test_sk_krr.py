@@ -204,6 +204,7 @@ def test_chunking_does_not_change_the_result():
                               sk.exact_krr(z, x, y, kernel="matern32"), atol=1e-12)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cuda_matches_cpu(kernel):
@@ -224,3 +225,100 @@ def test_serial_lapack_restores_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.allclose(f, sk.sparse_krr(z, x, y, k=7), atol=1e-12)
+
+
+# -- kernels given as instances, k of any integer type, chunk sizes -----------------------------------------
+def test_kernel_instance_uses_its_own_lengthscale():
+    z, x, y = data()
+    inst = sk.Matern32(lengthscale=0.3)
+    ls = float(inst.lengthscale)                  # 0.3 to float32 rounding (the instance stores log l)
+    expect = sk.sparse_krr(z, x, y, k=7, kernel="matern32", lengthscale=ls)
+    assert rel(sk.sparse_krr(z, x, y, k=7, kernel=inst), expect) < 1e-12
+    assert rel(sk.sparse_krr(z, x, y, k=7, kernel=sk.Matern32, lengthscale=ls), expect) < 1e-12
+    assert rel(expect, sk.sparse_krr(z, x, y, k=7, kernel="matern32")) > 1e-2   # not the default l = 1
+    assert rel(sk.exact_krr(z, x, y, kernel=inst), sk.exact_krr(z, x, y, kernel="matern32", lengthscale=ls)) < 1e-12
+    with pytest.raises(ValueError, match="carries its own lengthscale"):
+        sk.sparse_krr(z, x, y, k=7, kernel=inst, lengthscale=1.0)
+    with pytest.raises(ValueError, match="carries its own lengthscale"):
+        sk.exact_krr(z, x, y, kernel=inst, lengthscale="auto")
+
+
+def test_learnable_kernel_instance_gets_its_gradient():
+    z, x, y = data()
+    inst = sk.Gaussian(lengthscale=0.8, learn_lengthscale=True).double()
+    sk.sparse_krr(z, x, y, k=7, kernel=inst).square().sum().backward()
+    ls = torch.tensor(0.8, dtype=torch.float64).log().requires_grad_()
+    sk.sparse_krr(z, x, y, k=7, lengthscale=ls.exp()).square().sum().backward()
+    assert inst.log_lengthscale.grad is not None
+    assert torch.allclose(inst.log_lengthscale.grad, ls.grad, rtol=1e-6)
+
+
+def test_k_of_any_integer_type():
+    np = pytest.importorskip("numpy")
+    z, x, y = data()
+    expect = sk.sparse_krr(z, x, y, k=7)
+    for k in (np.int64(7), np.int32(7), np.uint8(7), torch.tensor(7)):
+        assert torch.equal(sk.sparse_krr(z, x, y, k=k), expect), type(k)
+        assert sk.SKLayer(x, y, k=k).k == 7
+    assert torch.equal(sk.knn_search(z, x, np.int16(7))[1], sk.knn_search(z, x, 7)[1])
+    for bad in (7.0, True, 0, np.int64(-1), "7", torch.tensor(7.0)):
+        with pytest.raises(ValueError, match="k must be"):
+            sk.sparse_krr(z, x, y, k=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, False])
+def test_non_positive_chunk_size_is_a_value_error(bad):
+    z, x, y = data()
+    with pytest.raises(ValueError, match="chunk_size"):
+        sk.sparse_krr(z, x, y, k=5, chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sk.exact_krr(z, x, y, chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sk.SKLayer(x, y, k=5, chunk_size=bad)
+
+
+# -- the label path ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("continuous", [False, True], ids=["hard", "continuous"])
+@pytest.mark.parametrize("kernel", ["gaussian", "laplacian", "linear"])
+def test_label_path_equals_one_hot_path(kernel, continuous):
+    z, x, _ = data(n=80, m=30, d=5)
+    labels = torch.randint(0, 6, (80,), generator=torch.Generator().manual_seed(3))
+    onehot = torch.nn.functional.one_hot(labels, 6).double()
+    ridge = 0.5 if kernel == "linear" else 1e-2
+    for chunk in (1, 7, None):
+        a = sk.sparse_krr(z, x, onehot, k=9, kernel=kernel, lengthscale=1.3, ridge=ridge, continuous=continuous,
+                          chunk_size=chunk)
+        b = sk.sparse_krr(z, x, labels.int(), k=9, kernel=kernel, lengthscale=1.3, ridge=ridge,
+                          continuous=continuous, chunk_size=chunk, num_classes=6)
+        assert b.shape == (30, 6) and b.dtype == torch.float64
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), chunk
+    assert torch.allclose(sk.exact_krr(z, x, labels, num_classes=6), sk.exact_krr(z, x, onehot), atol=1e-12)
+
+
+def test_label_path_gradients_equal_one_hot_path():
+    z, x, _ = data(n=60, m=12, d=4)
+    labels = torch.arange(60) % 4
+    onehot = torch.nn.functional.one_hot(labels, 4).double()
+    grads = []
+    for y, c in ((onehot, None), (labels, 4)):
+        zz, xx = z.clone().requires_grad_(), x.clone().requires_grad_()
+        ls = torch.tensor(1.1, dtype=torch.float64, requires_grad=True)
+        out = sk.sparse_krr(zz, xx, y, k=6, lengthscale=ls, ridge=1e-2, num_classes=c, chunk_size=5)
+        grads.append(torch.autograd.grad(out.square().sum(), (zz, xx, ls)))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_label_path_errors():
+    z, x, _ = data()
+    labels = torch.arange(60) % 3
+    with pytest.raises(ValueError, match="num_classes"):
+        sk.sparse_krr(z, x, labels, k=5)
+    with pytest.raises(ValueError, match="out of range"):
+        sk.sparse_krr(z, x, labels, k=5, num_classes=2)
+    with pytest.raises(ValueError, match="out of range"):
+        sk.sparse_krr(z, x, labels - 1, k=5, num_classes=3)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        sk.sparse_krr(z, x, labels[:, None], k=5, num_classes=3)
+    with pytest.raises(ValueError, match="num_classes"):
+        sk.sparse_krr(z, x, torch.randn(60, 2, dtype=torch.float64), k=5, num_classes=3)

@@ -109,6 +109,7 @@ def test_classifier_logits_predict_and_accuracy():
         sk.SKClassifier(feats, labels + 4, num_classes=4)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_layer_on_cuda():
     z, x, y = data()
@@ -121,3 +122,99 @@ def test_layer_on_cuda():
     assert torch.allclose(out.detach().cpu(), cpu, atol=1e-4)
     clf = sk.SKClassifier(x, torch.arange(80) % 3, 3, k=8).cuda()
     assert clf.predict(z.cuda()).device.type == "cuda"
+
+
+# -- save and load without the code that built the layer -------------------------------------------------
+def round_trip(sd):
+    """Through bytes with the safe unpickler: the extra state holds plain Python values only."""
+    import io
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+LAYERS = {
+    "fixed-laplacian-continuous": lambda x, y: sk.SKLayer(x, y, k=7, kernel="laplacian", lengthscale=0.7, ridge=0.05,
+                                                          continuous=True, taper=0.3),
+    "all-learned-matern": lambda x, y: sk.SKLayer(x, y, k=9, kernel="matern52", lengthscale=1.3, ridge=0.1,
+                                                  learn_representations=True, learn_targets=True,
+                                                  learn_lengthscale=True, learn_ridge=True, solve_dtype=torch.float64),
+    "labels": lambda x, y: sk.SKLayer(x, torch.arange(80) % 4, k=6, kernel="imq", lengthscale=1.1, num_classes=4),
+    "per-call-support": lambda x, y: sk.SKLayer(None, y, k=5, kernel="gaussian", lengthscale="auto"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_state_dict_restores_a_fresh_layer(name):
+    z, x, y = data()
+    a = LAYERS[name](x, y)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.01)                                             # trained away from the initial values
+    b = sk.SKLayer()
+    b.load_state_dict(round_trip(a.state_dict()))
+    for attr in ("k", "continuous", "taper", "backend", "chunk_size", "solve_dtype", "num_classes", "auto_per_call"):
+        assert getattr(b, attr) == getattr(a, attr), attr
+    assert type(b.kernel) is type(a.kernel)
+    assert {n for n, _ in b.named_parameters()} == {n for n, _ in a.named_parameters()}
+    assert set(b.state_dict()) == set(a.state_dict())
+    kw = {"representations": x} if name == "per-call-support" else {}
+    assert torch.equal(b(z, **kw), a(z, **kw))
+
+
+def test_classifier_restores_from_a_bare_classifier():
+    z, x, _ = data()
+    labels = torch.arange(80) % 3
+    a = sk.SKClassifier(x, labels, num_classes=3, k=8, kernel="matern32", normalize=True)
+    b = sk.SKClassifier()
+    b.load_state_dict(round_trip(a.state_dict()))
+    assert b.normalize and b.num_classes == 3 and b.kernel.name == "matern32"
+    assert torch.equal(b(z), a(z)) and torch.equal(b.predict(z), a.predict(z))
+    assert torch.equal(b.labels, labels)
+
+
+def test_loading_keeps_matching_parameters_in_place_and_old_state_dicts_load():
+    z, x, y = data()
+    a = sk.SKLayer(x, y, k=8, learn_targets=True, learn_lengthscale=True)
+    b = sk.SKLayer(x.clone(), torch.zeros_like(y), k=8, learn_targets=True, learn_lengthscale=True)
+    params = list(b.parameters())                                   # what an optimiser holds
+    b.load_state_dict(a.state_dict())
+    assert all(p is q for p, q in zip(params, b.parameters()))
+    assert torch.equal(b(z), a(z))
+    old = {k: v for k, v in a.state_dict().items() if k != "_extra_state"}   # saved before the extra state
+    c = sk.SKLayer(x, torch.zeros_like(y), k=8, learn_targets=True, learn_lengthscale=True)
+    c.load_state_dict(old)
+    assert torch.equal(c(z), a(z))
+
+
+# -- one code path, no copies, the label path in the classifier -------------------------------------------
+def test_forward_is_the_functional_api(monkeypatch):
+    z, x, y = data()
+    layer = sk.SKLayer(x, y, k=8, kernel="laplacian", lengthscale=0.9, continuous=True)
+    calls = []
+    real = sk.modules.sparse_krr
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sk.modules, "sparse_krr", spy)
+    out = layer(z)
+    assert len(calls) == 1 and calls[0]["kernel"] is layer.kernel and calls[0]["continuous"]
+    assert torch.equal(out, real(z, x, y, k=8, kernel=layer.kernel, continuous=True))
+
+
+def test_classifier_uses_labels_without_one_hot_targets():
+    z, x, _ = data()
+    labels = torch.arange(80) % 5
+    clf = sk.SKClassifier(x, labels, num_classes=5, k=8, lengthscale=1.2)
+    assert clf.targets.dtype == torch.long and clf.targets.data_ptr() == labels.data_ptr()
+    assert clf.representations.data_ptr() == x.data_ptr()            # held, not copied
+    onehot = sk.sparse_krr(z, x, F.one_hot(labels, 5).float(), k=8, lengthscale=clf.kernel.lengthscale)
+    assert torch.allclose(clf(z), onehot, atol=1e-6)
+    learned = sk.SKClassifier(x, labels, num_classes=5, k=8, lengthscale=1.2, learn_targets=True)
+    assert isinstance(learned.targets, nn.Parameter) and learned.targets.shape == (80, 5)
+    assert torch.allclose(learned(z), onehot, atol=1e-6) and torch.equal(learned.labels, labels)
+    with pytest.raises(ValueError, match="integer"):
+        sk.SKClassifier(x, labels.float(), num_classes=5)

@@ -15,6 +15,7 @@ that chose its hyperparameters, and its fit and predict seconds.
 - ``linear_probe``: multinomial logistic regression, L2 strength C swept over a log grid on the
   validation split (Ericsson et al., 2021), then refitted on all labelled examples.
 - ``ncm_probe``: nearest class mean of L2-normalised features.
+- ``paired_ci``: a paired difference over seeds with its bootstrap CI, for the tables' comparisons.
 """
 from __future__ import annotations
 
@@ -242,3 +243,21 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, fit_idx, val_idx
     return ProbeResult("linear", accuracy(pred, test_y), best_acc, fit_s, _elapsed(t0, pred),
                        {"C": best_c}, pred, select_s=select_s, settings_tried=len(c_grid))
 
+
+def paired_ci(diffs, reps: int = 2_000) -> tuple[float, float, float]:
+    """Mean of paired per-seed differences (e.g. two readouts' test accuracies on the same split) and its
+    95% percentile bootstrap CI over seeds (rliable, ``reps`` replicates, a fixed random state); the CI is
+    (nan, nan) below two seeds. For the tables' ``comparisons`` hooks."""
+    import warnings
+
+    import numpy as np
+    from rliable import library as rly
+
+    d = np.asarray(list(diffs), dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), float("nan"), float("nan")
+    with warnings.catch_warnings():  # arch deprecates the RandomState that rliable passes; the results are the same
+        warnings.simplefilter("ignore", FutureWarning)
+        point, ci = rly.get_interval_estimates({"d": [d]}, lambda x: np.array([np.mean(x)]), reps=reps,
+                                               random_state=np.random.RandomState(0))
+    return float(point["d"][0]), float(ci["d"][0, 0]), float(ci["d"][1, 0])

@@ -5,9 +5,10 @@ Shared by the experiments that train or read out backbones (cnn_readout, transfe
 with ``mean_std``, channel-replicated (``channels``) and resized (``size``) there, so CPU and GPU runs
 share one code path.
 
-- ``train_classifier(backbone, head, x, y, ...)``: minibatch training of head (and backbone, unless
-  ``freeze_backbone``) with cross-entropy by default; returns a per-epoch history with the training
-  seconds (evaluation inside ``on_epoch_end`` is not counted). The head may be anything that maps
+- ``train_classifier(backbone, head, x, y, ...)``: minibatch training of head and backbone together
+  with cross-entropy by default; returns a per-epoch history with the training seconds (evaluation
+  inside ``on_epoch_end`` is not counted). A head alone is trained on fixed features with
+  ``nn.Identity()`` as the backbone and the features as ``x``. The head may be anything that maps
   features to outputs: a linear layer, an MLP, or an SK head through ``head_forward`` (which also sees
   the labels, so that a head can take its support set from the batch).
 - ``extract_features(backbone, x, ...)``: features of a frozen backbone, in eval mode, without grad.
@@ -148,7 +149,7 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, mome
 
 def train_classifier(backbone: nn.Module, head: nn.Module, x_train: Tensor, y_train: Tensor, *, epochs: int,
                      batch_size: int, lr: float, device, mean_std=None, augment=None,
-                     freeze_backbone: bool = False, optimizer: str = "adam", weight_decay: float = 0.0,
+                     optimizer: str = "adam", weight_decay: float = 0.0,
                      momentum: float = 0.9, schedule: str = "cosine", channels: int | None = None,
                      size: int | None = None, amp: bool = False, head_forward: HeadForward | None = None,
                      loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, drop_last: bool = True,
@@ -165,9 +166,6 @@ def train_classifier(backbone: nn.Module, head: nn.Module, x_train: Tensor, y_tr
         epochs, batch_size, lr: the budget; ``schedule`` is ``cosine`` (to 0 over all steps) or ``constant``.
         device: where to train; mean_std, channels, size: preprocessing (see ``to_input``).
         augment: ``augment(x_float, generator) -> x_float`` on each training batch (e.g. ``crop_flip()``).
-        freeze_backbone: train the head alone. The backbone is put in eval mode with gradients off (its
-            parameters, batch-norm statistics included, stay as they were); without ``augment`` its
-            features are computed once and the head is trained on them. Gradient flags are restored.
         optimizer, weight_decay, momentum: see ``make_optimizer``; amp: bfloat16 autocast of the
             backbone on CUDA (the head always runs in float32).
         head_forward: ``head_forward(head, features, labels) -> (outputs, targets)`` replaces
@@ -179,8 +177,8 @@ def train_classifier(backbone: nn.Module, head: nn.Module, x_train: Tensor, y_tr
 
     Returns:
         history: one dict per epoch with ``epoch``, ``loss`` (mean over batches), ``train_acc`` (argmax of
-        outputs against targets), ``epoch_s`` and ``train_s`` (cumulative seconds of training, with the
-        feature pass of a frozen backbone counted in the first epoch).
+        outputs against targets), ``epoch_s`` and ``train_s`` (cumulative seconds of training). The
+        modules are left in the train/eval mode they came in.
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
@@ -194,13 +192,8 @@ def train_classifier(backbone: nn.Module, head: nn.Module, x_train: Tensor, y_tr
     head.to(device)
     y_dev = y_train.to(device)
 
-    flags = [p.requires_grad for p in backbone.parameters()]
     modes = (backbone.training, head.training)
-    if freeze_backbone:
-        backbone.requires_grad_(False)
-    params = [p for p in head.parameters() if p.requires_grad]
-    if not freeze_backbone:
-        params += [p for p in backbone.parameters() if p.requires_grad]
+    params = [p for p in [*head.parameters(), *backbone.parameters()] if p.requires_grad]
     n = len(x_train)
     steps_per_epoch = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
     total_steps = max(1, epochs * steps_per_epoch)
@@ -213,33 +206,24 @@ def train_classifier(backbone: nn.Module, head: nn.Module, x_train: Tensor, y_tr
 
     history: list[dict[str, Any]] = []
     train_s = 0.0
-    cached = None  # features of a frozen backbone without augmentation, computed once
     x_dev = x_train.to(device)
     try:
         for epoch in range(1, epochs + 1):
             _sync(device)
             t0 = time.perf_counter()
-            if freeze_backbone and augment is None and cached is None:
-                cached = extract_features(backbone, x_dev, batch_size=max(batch_size, 256), device=device,
-                                          mean_std=mean_std, channels=channels, size=size, amp=amp,
-                                          progress=progress, desc=f"{desc} features").to(device)
             head.train()
-            backbone.train(not freeze_backbone)
+            backbone.train()
             perm = torch.randperm(n, generator=generator).to(device)
             total_loss, correct, seen, batches = 0.0, 0, 0, 0
             for b in progress(range(steps_per_epoch), desc=f"{desc} epoch {epoch}/{epochs}", total=steps_per_epoch):
                 idx = perm[b * batch_size:(b + 1) * batch_size]
                 yb = y_dev[idx]
-                if cached is not None:
-                    feats = cached[idx]
-                else:
-                    xb = to_input(x_dev[idx], device, mean_std, channels, size)
-                    if augment is not None:
-                        xb = augment(xb, generator)
-                    grad = torch.enable_grad() if not freeze_backbone else torch.no_grad()
-                    with grad, _autocast(device, amp):
-                        feats = backbone(xb)
-                    feats = feats.float()
+                xb = to_input(x_dev[idx], device, mean_std, channels, size)
+                if augment is not None:
+                    xb = augment(xb, generator)
+                with _autocast(device, amp):
+                    feats = backbone(xb)
+                feats = feats.float()  # the head runs in float32
                 outputs, targets = head_forward(head, feats, yb)
                 loss = loss_fn(outputs, targets)
                 if opt is not None:
@@ -264,8 +248,6 @@ def train_classifier(backbone: nn.Module, head: nn.Module, x_train: Tensor, y_tr
                     entry.update(extra)
             history.append(entry)
     finally:
-        for p, flag in zip(backbone.parameters(), flags):
-            p.requires_grad_(flag)
         backbone.train(modes[0])
         head.train(modes[1])
     return history
