@@ -52,16 +52,19 @@ test-cuda: setup ## the CUDA tests (marked cuda, or cuda in their name); without
 	  echo "Run it on a machine with a GPU; 'make test' skips the CUDA tests, each with its reason."; \
 	fi
 
-bench-sk: setup ## SK benchmark -> results/bench_sk.md
-	$(LOCK) $(PY) scripts/bench_sk.py --out results/bench_sk.md
+bench-sk: setup ## SK benchmark -> results/bench_sk.md (and results/bench_sk_cuda.md where CUDA is present)
+	$(LOCK) $(PY) scripts/bench_sk.py --out results/bench_sk.md --cuda-out results/bench_sk_cuda.md
 
 tables: setup ## rebuild every table that has records (no runs)
 	$(PY) scripts/make_tables.py
 
-table-ddqn-ablation: setup ## DDQN ablation of the SK component (targets, support size, k)
-	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk exp.sk_targets=fixed,learned seed=$(SEEDS5) $(JOBLIB2)
-	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk exp.support_size=64,1024 seed=$(SEEDS5) $(JOBLIB2)
-	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk exp.sk_k=8,32 seed=$(SEEDS5) $(JOBLIB2)
+# The SK head's ablation on CartPole (configs/profile/ddqn/ablation.yaml), 5 seeds, with its own Double DQN
+# reference: design 1's targets (fixed, learned), support size (64, 256, 1024) and k (8, 16, 32).
+table-ddqn-ablation: setup ## Double DQN ablation of the SK head on CartPole (targets, support size, k)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.targets=fixed,learned seed=$(SEEDS5) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.support_size=64,1024 seed=$(SEEDS5) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.k=8,32 seed=$(SEEDS5) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=ddqn seed=$(SEEDS5) $(JOBLIB2)
 	$(PY) scripts/make_tables.py ddqn
 
 table-smoke: setup
@@ -103,9 +106,20 @@ else
 endif
 	$(PY) scripts/make_tables.py transfer
 
-table-ddqn: setup ## kernel-augmented Double DQN table
-	$(LOCK) $(RUN) -m +exp=ddqn profile=$(PROFILE) exp.agent=sk,ddqn $(if $(filter paper,$(PROFILE)),$(DDQN_ENVS)) \
-	  seed=$(if $(filter paper,$(PROFILE)),$(SEEDS10),$(SEEDS5)) $(JOBLIB2)
+# Double DQN, three agents with the same seeds: ddqn, sk (design 1), sk_episodic (design 2). Quick: this 2-core
+# CPU, two single-threaded jobs at a time (budgets and measured times: configs/profile/ddqn/quick.yaml); 5 seeds,
+# 3 for Breakout. Paper: 10 seeds at the full budgets on a GPU machine (devices: exp.envs.<env>.device; the MLP
+# envs run on its CPU cores), DDQN_JOBS jobs at a time.
+DDQN_AGENTS := exp.agent=ddqn,sk,sk_episodic
+DDQN_JOBS ?= 8
+table-ddqn: setup ## kernel-augmented Double DQN table: 4 envs x 3 agents (PROFILE=paper: 10 seeds, full budgets)
+ifeq ($(PROFILE),paper)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=paper $(DDQN_AGENTS) exp.env=cartpole,acrobot,lunarlander,breakout \
+	  seed=$(SEEDS10) hydra/launcher=joblib hydra.launcher.n_jobs=$(DDQN_JOBS)
+else
+	$(LOCK) $(RUN) -m +exp=ddqn profile=quick $(DDQN_AGENTS) exp.env=cartpole,acrobot,lunarlander seed=$(SEEDS5) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=quick $(DDQN_AGENTS) exp.env=breakout seed=$(SEEDS3) $(JOBLIB2)
+endif
 	$(PY) scripts/make_tables.py ddqn
 
 paper-data: $(STAMP) ## fetch CIFAR-10/100 (and Fashion-MNIST) into SK_DATA and the ViT-S/16 weights into the hub cache (network)
