@@ -22,14 +22,21 @@ misses, at a fraction of the linear probe's fitting cost.
    labelled). With ``exp.center`` the labelled set's mean feature is first subtracted from both sets
    (CL2N, Wang et al. 2019, "SimpleShot"): a block's tokens share a large common component that swamps
    cosine similarity; the linear probe standardises its inputs and is unaffected.
-   Rows: {block, token, probe} -> test_acc, val_acc, fit_s, predict_s; info: chosen.
+   Rows: {block, token, probe} -> test_acc, val_acc, select_s (seconds spent choosing the probe's
+   hyperparameters on validation; 0 for k-NN), settings_tried, fit_s, predict_s; info: chosen. SK's rows
+   also carry ``sk_grid``: the validation accuracy of every setting of its grid (the sensitivity figure).
+5. Headline: each probe's (block, token) is chosen by its validation accuracy, per seed, never by test
+   accuracy (``summary[probe + "_selected_test_acc"]``); ``comparisons(records)`` writes the numbers the
+   README quotes under the table (differences and ranges over blocks, the validation-selected headline,
+   the selection costs).
 
     python experiments/run.py -m +exp=vit_probe seed=0,1,2
 """
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import statistics
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -207,7 +214,7 @@ def run(cfg, ctx) -> dict:
             mu = x_lab.mean(dim=0, keepdim=True)
             x_lab, x_test = x_lab - mu, x_test - mu
         for r in run_probes(x_lab, y_lab, x_test, y_test, data.num_classes, fit_idx, val_idx, **probe_options):
-            rows.append({"keys": {"block": b, "token": t, "probe": r.name}, "metrics": r.metrics(), "info": r.info()})
+            rows.append(r.row({"block": b, "token": t, "probe": r.name}))
             curves[f"{r.name}-{t}"]["x"].append(b)
             curves[f"{r.name}-{t}"]["y"].append(r.test_acc)
 
@@ -219,9 +226,11 @@ def run(cfg, ctx) -> dict:
 
 
 def summarize_rows(rows: list[dict]) -> dict:
-    """Headline numbers: per probe the best test accuracy over (block, token), the test accuracy at the
-    (block, token) its validation accuracy picks and that validation accuracy (``val_acc``: SK's, what
-    an hparams search maximises), and the total fitting seconds over all probed features."""
+    """Headline numbers: per probe the test accuracy at the (block, token) its validation accuracy picks
+    (``<probe>_selected_test_acc``, the headline; ties: the first in row order) and that validation
+    accuracy (``val_acc``: SK's, what an hparams search maximises), the best test accuracy over (block,
+    token) (``<probe>_best_test_acc``: chosen on test, an upper bound, never a headline), and the total
+    fitting and selection seconds over all probed features."""
     out: dict = {}
     for probe in PROBES:
         mine = [r for r in rows if r["keys"]["probe"] == probe]
@@ -233,12 +242,92 @@ def summarize_rows(rows: list[dict]) -> dict:
         out[f"{probe}_selected"] = f"block {picked['keys']['block']} {picked['keys']['token']}"
         out[f"{probe}_selected_val_acc"] = picked["metrics"].get("val_acc")
         out[f"{probe}_fit_s_total"] = sum(r["metrics"]["fit_s"] for r in mine)
+        out[f"{probe}_select_s_total"] = sum(r["metrics"].get("select_s", 0.0) for r in mine)
     if "sk_selected_val_acc" in out:
         out["val_acc"] = out["sk_selected_val_acc"]
     if "linear_fit_s_total" in out and "sk_fit_s_total" in out:
         out["sk_over_linear_fit_s"] = out["sk_fit_s_total"] / max(out["linear_fit_s_total"], 1e-12)
+        out["sk_over_linear_select_s"] = out["sk_select_s_total"] / max(out["linear_select_s_total"], 1e-12)
         out["sk_minus_linear_selected_acc"] = out["sk_selected_test_acc"] - out["linear_selected_test_acc"]
     return out
+
+
+# ----------------------------------------------------------------------------------------- comparisons
+PROBE_LABELS = {"linear": "linear", "knn": "k-NN", "sk": "SK"}
+
+
+def _feature_means(records: list[dict]) -> dict[tuple, dict[str, float]]:
+    """{(block, token): {probe: test accuracy, mean over the records (seeds)}}."""
+    vals: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        for row in rec["rows"]:
+            k = row["keys"]
+            vals[(int(k["block"]), str(k["token"]))][k["probe"]].append(row["metrics"]["test_acc"])
+    return {fs: {p: sum(v) / len(v) for p, v in per.items()} for fs, per in vals.items()}
+
+
+def _pts(v: float) -> str:
+    """Accuracy points, two decimals, a true minus sign."""
+    return f"{100 * v:.2f}".replace("-", "−")
+
+
+def _difference_range(means: dict[tuple, dict[str, float]], a: str, b: str) -> str | None:
+    diffs = {fs: m[a] - m[b] for fs, m in means.items() if a in m and b in m}
+    if not diffs:
+        return None
+    lo, hi = min(diffs, key=diffs.get), max(diffs, key=diffs.get)
+    return (f"{_pts(diffs[lo])}–{_pts(diffs[hi])} (smallest at block {lo[0]} {lo[1]}, "
+            f"largest at block {hi[0]} {hi[1]})")
+
+
+def comparisons(records: list[dict]) -> list[str]:
+    """What the README quotes from one section of the table (``scripts/make_tables.py`` calls it).
+
+    - (linear − SK) and (SK − k-NN) test accuracy over the probed (block, token) feature sets: the range
+      of the per-feature-set means over seeds, in points;
+    - per probe, the validation-selected headline: in each seed the (block, token) with the best
+      validation accuracy, its test accuracy mean ± std over seeds, and which feature sets were chosen;
+    - SK's selection cost against the linear probe's: seconds spent choosing hyperparameters on
+      validation (``select_s``), summed over the feature sets, mean over seeds.
+    """
+    if not records:
+        return []
+    means = _feature_means(records)
+    n = len(records)
+    blocks = sorted({b for b, _ in means})
+    tokens = sorted({t for _, t in means})
+    where = (f"the {len(means)} feature sets ({len(blocks)} block{'s' if len(blocks) != 1 else ''} × "
+             f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}), each the mean over {n} seed{'s' if n != 1 else ''}")
+    lines = []
+    for a, b in (("linear", "sk"), ("sk", "knn")):
+        span = _difference_range(means, a, b)
+        if span:
+            lines.append(f"- {PROBE_LABELS[a]} − {PROBE_LABELS[b]} test accuracy over {where}, in points: {span}")
+    heads = []
+    for probe in PROBES:
+        picked = [summarize_rows(rec["rows"]) for rec in records]
+        accs = [s[f"{probe}_selected_test_acc"] for s in picked if f"{probe}_selected_test_acc" in s]
+        if not accs:
+            continue
+        chosen = Counter(s[f"{probe}_selected"] for s in picked if f"{probe}_selected" in s)
+        which = ", ".join(f"{c} in {k} of {len(accs)}" for c, k in chosen.most_common())
+        heads.append(f"{PROBE_LABELS[probe]} {100 * statistics.fmean(accs):.2f} ± {100 * _std(accs):.2f} % ({which})")
+    if heads:
+        lines.append(f"- Validation-selected headline (each seed's (block, token) with the best validation accuracy; "
+                     f"test accuracy mean ± std over {n} seed{'s' if n != 1 else ''}): " + "; ".join(heads))
+    cost = {}
+    for probe in ("sk", "linear"):
+        totals = [sum(r["metrics"].get("select_s", 0.0) for r in rec["rows"] if r["keys"]["probe"] == probe)
+                  for rec in records]
+        tried = [r["metrics"].get("settings_tried", 1) for rec in records for r in rec["rows"] if r["keys"]["probe"] == probe]
+        if tried:
+            cost[probe] = (statistics.fmean(totals), Counter(int(t) for t in tried).most_common(1)[0][0])
+    if len(cost) == 2 and cost["linear"][0] > 0:
+        (sk_s, sk_n), (lin_s, lin_n) = cost["sk"], cost["linear"]
+        lines.append(f"- Selection cost (seconds choosing hyperparameters on the validation split, summed over the "
+                     f"{len(means)} feature sets, mean over seeds): SK {sk_s:.3g} s ({sk_n} settings a feature set), "
+                     f"linear {lin_s:.3g} s ({lin_n} values of C): SK {sk_s / lin_s:.2f}× the linear probe's")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- figure

@@ -1,4 +1,6 @@
-"""vit_probe: timm weights from a local file, per-block features, one split for all probes, the record."""
+"""vit_probe: timm weights from a local file, per-block features, one split for all probes, the record,
+the selection costs and SK's grid, the validation-selected headline and the README's comparisons, and the
+paper path (a timm ViT from a local checkpoint on fake CIFAR-10 and CIFAR-100) offline."""
 import json
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from experiments.backbones.vit import block_hooks
 from experiments.core import probes
 from experiments.core.data import train_val_split
 from experiments.core.runner import run_experiment
+from paper_fixtures import TIMM_MODEL, allow_fake_cifar, refuse_network, write_fake_cifar, write_timm_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,12 +176,72 @@ def test_all_probes_get_the_same_split_and_features_and_the_seed_leaves_pretrain
         keys = {(r["keys"]["block"], r["keys"]["token"], r["keys"]["probe"]) for r in rec["rows"]}
         assert keys == {(b, t, p) for b in (1, 2) for t in ("cls", "mean") for p in ("linear", "knn", "sk")}
         for row in rec["rows"]:
-            assert {"test_acc", "fit_s", "predict_s", "val_acc"} <= set(row["metrics"])
-            assert 0.0 <= row["metrics"]["test_acc"] <= 1.0 and row["info"]["chosen"]
+            assert {"test_acc", "fit_s", "predict_s", "val_acc", "select_s", "settings_tried"} <= set(row["metrics"])
+            assert row["info"]["chosen"]
+            acc = row["metrics"]["test_acc"]
+            assert abs(100 * acc - round(100 * acc)) < 1e-4, row  # a count of the 100 probe test images
+        _check_selection(rec, n_c=2, n_sk=2)
         assert rec["summary"]["probe_split"] == "test" and rec["summary"]["n_labelled"] == 150
+        # digits through a ViT pretrained for one epoch on 5 classes: the best probe is well above chance (0.1)
+        assert max(r["metrics"]["test_acc"] for r in rec["rows"]) >= 0.3
     png = tmp_path / "vit_probe.png"
     vp.make_figure(recs, png)
     assert png.stat().st_size > 1000
+
+
+def _check_selection(rec: dict, n_c: int, n_sk: int) -> None:
+    """Selection costs and SK's grid in every row; the headline picked by validation, not by test."""
+    for row in rec["rows"]:
+        m, probe = row["metrics"], row["keys"]["probe"]
+        if probe == "knn":  # nothing chosen
+            assert (m["select_s"], m["settings_tried"]) == (0.0, 1) and "sk_grid" not in row
+        elif probe == "linear":
+            assert m["settings_tried"] == n_c and 0 < m["select_s"] <= m["fit_s"] and "sk_grid" not in row
+        else:
+            assert m["settings_tried"] == len(row["sk_grid"]) == n_sk and m["select_s"] > 0
+            assert m["val_acc"] == max(e["val_acc"] for e in row["sk_grid"])
+            assert all({"k", "kernel", "lengthscale_mult", "ridge", "val_acc"} <= set(e) for e in row["sk_grid"])
+    for probe in vp.PROBES:
+        mine = [r for r in rec["rows"] if r["keys"]["probe"] == probe]
+        by_val = max(mine, key=lambda r: r["metrics"]["val_acc"])  # ties: the first in row order, as the summary
+        assert rec["summary"][f"{probe}_selected_test_acc"] == by_val["metrics"]["test_acc"]
+        assert rec["summary"][f"{probe}_selected"] == f"block {by_val['keys']['block']} {by_val['keys']['token']}"
+
+
+def _rec(seed: int, accs: dict, select: dict | None = None) -> dict:
+    """A record with rows {(block, token, probe): (test_acc, val_acc)}; ``select``: {probe: select_s a row}."""
+    select = select or {}
+    rows = [{"keys": {"block": b, "token": t, "probe": p},
+             "metrics": {"test_acc": ta, "val_acc": va, "fit_s": 1.0, "select_s": select.get(p, 0.0),
+                         "settings_tried": {"linear": 12, "sk": 72}.get(p, 1)}}
+            for (b, t, p), (ta, va) in accs.items()]
+    return {"seed": seed, "rows": rows}
+
+
+def test_comparisons_quote_ranges_and_the_validation_selected_headline():
+    # two seeds, two feature sets; block 2's test accuracy is higher, block 1's validation accuracy is
+    recs = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        recs.append(_rec(seed, {
+            (1, "cls", "linear"): (0.7000 + shift, 0.90), (1, "cls", "sk"): (0.6996 + shift, 0.80),
+            (1, "cls", "knn"): (0.6500 + shift, 0.70),
+            (2, "cls", "linear"): (0.8000 + shift, 0.85), (2, "cls", "sk"): (0.7764 + shift, 0.95),
+            (2, "cls", "knn"): (0.7000 + shift, 0.60)}, select={"linear": 2.0, "sk": 3.0}))
+    lines = vp.comparisons(recs)
+    assert lines[0] == ("- linear − SK test accuracy over the 2 feature sets (2 blocks × 1 token), each the mean over "
+                        "2 seeds, in points: 0.04–2.36 (smallest at block 1 cls, largest at block 2 cls)")
+    assert lines[1].endswith("in points: 4.96–7.64 (smallest at block 1 cls, largest at block 2 cls)")
+    # chosen by validation: linear and k-NN at block 1, SK at block 2, whatever the test accuracy says
+    assert lines[2] == ("- Validation-selected headline (each seed's (block, token) with the best validation accuracy; "
+                        "test accuracy mean ± std over 2 seeds): linear 71.00 ± 1.41 % (block 1 cls in 2 of 2); "
+                        "k-NN 66.00 ± 1.41 % (block 1 cls in 2 of 2); SK 78.64 ± 1.41 % (block 2 cls in 2 of 2)")
+    assert lines[3] == ("- Selection cost (seconds choosing hyperparameters on the validation split, summed over the 2 "
+                        "feature sets, mean over seeds): SK 6 s (72 settings a feature set), linear 4 s (12 values of C): "
+                        "SK 1.50× the linear probe's")
+    # a negative end keeps its minus sign
+    flipped = [_rec(0, {(1, "mean", "linear"): (0.70, 0.5), (1, "mean", "sk"): (0.71, 0.5),
+                        (2, "mean", "linear"): (0.80, 0.5), (2, "mean", "sk"): (0.78, 0.5)})]
+    assert "in points: −1.00–2.00" in vp.comparisons(flipped)[0]
 
 
 def test_cli_run_writes_a_record(cli, tmp_path):
@@ -206,3 +269,38 @@ def test_sk_keys_on_the_command_line_reach_the_sk_probe(cli, tmp_path):
         assert all(r["info"]["chosen"].startswith(prefix) for r in sk_rows), [r["info"] for r in sk_rows]
     assert all(r["info"]["chosen"].endswith("ridge=0.25") for r in fixed["rows"] if r["keys"]["probe"] == "sk")
     assert fixed["summary"]["val_acc"] == max(r["metrics"]["val_acc"] for r in fixed["rows"] if r["keys"]["probe"] == "sk")
+
+
+@pytest.mark.parametrize("data,per_class", [("cifar10", (20, 10)), ("cifar100", (3, 2))])
+def test_paper_path_probes_a_local_timm_checkpoint_on_fake_cifar(tmp_path, monkeypatch, data, per_class):
+    """The paper's ViT probing (Makefile: backbone=timm, data=cifar10|cifar100) with the weights from a local
+    checkpoint file, offline: labelled probe data from the train split, tested on the test split."""
+    refuse_network(monkeypatch)
+    allow_fake_cifar(monkeypatch)
+    write_fake_cifar(tmp_path / "data", data, *per_class)
+    ckpt = write_timm_checkpoint(tmp_path / "vit.pth", img_size=32)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "+exp=vit_probe", "profile=smoke", "logger=none", f"paths.root={ROOT}", f"paths.results={tmp_path}/results",
+            f"paths.cache={tmp_path}/cache", f"data={data}", f"data.root={tmp_path}/data", "data.download=false",
+            "backbone=timm", f"backbone.model={TIMM_MODEL}", f"backbone.checkpoint_path={ckpt}", "backbone.img_size=32",
+            "exp.blocks=[1,6]", "exp.probe_labelled=null", "exp.probe_test=null"])
+    run_experiment(cfg)
+    (rec,) = records(tmp_path)
+    classes = {"cifar10": 10, "cifar100": 100}[data]
+    n_train, n_test = classes * per_class[0], classes * per_class[1]
+    assert rec["summary"]["probe_split"] == "train_test"
+    assert (rec["summary"]["n_labelled"], rec["summary"]["n_test"]) == (n_train, n_test)
+    assert {(r["keys"]["block"], r["keys"]["token"]) for r in rec["rows"]} == {(b, t) for b in (1, 6) for t in ("cls", "mean")}
+    assert rec["config"]["backbone"]["checkpoint_path"] == str(ckpt) and rec["config"]["data"]["name"] == data
+    _check_selection(rec, n_c=len(cfg.exp.linear_c_grid),
+                     n_sk=len(cfg.sk.grid.k) * len(cfg.sk.grid.kernel) * len(cfg.sk.grid.lengthscale_mult) * len(cfg.sk.grid.ridge))
+    for r in rec["rows"]:
+        acc = r["metrics"]["test_acc"]
+        assert abs(n_test * acc - round(n_test * acc)) < 1e-4, r
+    # one colour a class: the mean patch token of the first block separates them (chance: 1 / classes)
+    for probe in ("linear", "knn", "sk"):
+        (row,) = [r for r in rec["rows"] if r["keys"] == {"block": 1, "token": "mean", "probe": probe}]
+        assert row["metrics"]["test_acc"] >= 0.6, (probe, row["metrics"])
+    lines = vp.comparisons([rec])
+    assert len(lines) == 4 and "Validation-selected headline" in lines[2]

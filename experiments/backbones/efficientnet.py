@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from experiments.backbones import Part
+
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FEATURE_DIM = 1280
 
@@ -79,20 +81,8 @@ class EfficientNetLite0(nn.Module):
 
     def split_last_block(self) -> tuple[nn.Module, nn.Module]:
         """(trunk, tail) modules sharing this network's weights; ``tail(trunk(x)) == self(x)``."""
-        return _Part(self.trunk, [self.net._conv_stem, self.net._bn0, *self.net._blocks[:-1]]), \
-            _Part(self.tail, [self.net._blocks[-1], self.net._conv_head, self.net._bn1])
-
-
-class _Part(nn.Module):
-    """A piece of a network: registers the sub-modules it owns, calls the owner's function."""
-
-    def __init__(self, fn, modules: list[nn.Module]):
-        super().__init__()
-        self.parts = nn.ModuleList(modules)
-        self._fn = fn
-
-    def forward(self, x):
-        return self._fn(x)
+        return Part(self.trunk, [self.net._conv_stem, self.net._bn0, *self.net._blocks[:-1]]), \
+            Part(self.tail, [self.net._blocks[-1], self.net._conv_head, self.net._bn1])
 
 
 def build(cfg_backbone, **overrides) -> EfficientNetLite0:

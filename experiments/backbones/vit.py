@@ -16,6 +16,11 @@ Both return a :class:`ViTBackbone`: ``forward(x)`` gives timm's pooled pre-logit
 (forward hooks on ``model.blocks``) and :meth:`ViTBackbone.probe_features` reduces each one to the CLS
 token and the mean of the patch tokens. The block outputs are the residual stream before timm's final
 norm, the usual place to probe intermediate depth.
+
+For fine-tuning on cached activations (experiments/transfer.py), :meth:`ViTBackbone.split_last_block`
+cuts a timm ``VisionTransformer`` into a frozen ``trunk`` (patch and position embedding, every block but
+the last: (N, 3, S, S) -> (N, tokens, D)) and a trainable ``tail`` (the last block, the final norm and
+timm's pooling head: -> (N, D)), with ``tail(trunk(x)) == forward(x)``.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from experiments.backbones import Part
 
 
 @contextlib.contextmanager
@@ -80,6 +87,41 @@ class ViTBackbone(nn.Module):
         if len(outputs) != self.depth:
             raise RuntimeError(f"expected {self.depth} block outputs, the hooks saw {len(outputs)}")
         return list(outputs)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding and every block but the last (timm's ``forward_features`` up to there): -> (N, T, D)."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        for block in m.blocks[:-1]:
+            x = block(x)
+        return x
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block, the final norm and the pooling head (pre-logits): (N, T, D) -> (N, D)."""
+        m = self.model
+        return m.forward_head(m.norm(m.blocks[-1](x)), pre_logits=True)
+
+    def split_last_block(self) -> tuple[nn.Module, nn.Module]:
+        """(trunk, tail) modules sharing this network's weights; ``tail(trunk(x)) == self(x)``.
+
+        The tail owns the last block, the final norm and the head's pooling and norm (its ``parameters()``
+        are what fine-tuning trains); the trunk owns the rest. timm ``VisionTransformer`` models only:
+        others (EVA's rotary embeddings, hybrid stems) call their blocks differently.
+        """
+        from timm.models.vision_transformer import VisionTransformer
+
+        m = self.model
+        if not isinstance(m, VisionTransformer):
+            raise NotImplementedError(f"split_last_block supports timm VisionTransformer models, not {type(m).__name__}")
+        tail_modules = [m.blocks[-1], m.norm, m.fc_norm] + ([m.attn_pool] if getattr(m, "attn_pool", None) is not None else [])
+        owned = {id(p) for mod in tail_modules for p in mod.parameters()}
+        trunk_modules = [m.patch_embed, m.pos_drop, m.patch_drop, m.norm_pre, *m.blocks[:-1]]
+        trunk = Part(self.trunk, trunk_modules)
+        for name in ("cls_token", "reg_token", "pos_embed"):  # parameters of the embedding, not of a module
+            if isinstance(getattr(m, name, None), nn.Parameter):
+                trunk.register_parameter(name, getattr(m, name))
+        assert not owned & {id(p) for p in trunk.parameters()}
+        return trunk, Part(self.tail, tail_modules)
 
     def probe_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"cls": (N, depth, D), "mean": (N, depth, D)}: each block's CLS token and mean patch token.
