@@ -58,13 +58,13 @@ bench-sk: setup ## SK benchmark -> results/bench_sk.md (and results/bench_sk_cud
 tables: setup ## rebuild every table that has records (no runs)
 	$(PY) scripts/make_tables.py
 
-# The SK head's ablation on CartPole (configs/profile/ddqn/ablation.yaml), 5 seeds, with its own Double DQN
+# The SK head's ablation on CartPole (configs/profile/ddqn/ablation.yaml), 3 seeds, with its own Double DQN
 # reference: design 1's targets (fixed, learned), support size (64, 256, 1024) and k (8, 16, 32).
 table-ddqn-ablation: setup ## Double DQN ablation of the SK head on CartPole (targets, support size, k)
-	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.targets=fixed,learned seed=$(SEEDS5) $(JOBLIB2)
-	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.support_size=64,1024 seed=$(SEEDS5) $(JOBLIB2)
-	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.k=8,32 seed=$(SEEDS5) $(JOBLIB2)
-	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=ddqn seed=$(SEEDS5) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.targets=fixed,learned seed=$(SEEDS3) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.support_size=64,1024 seed=$(SEEDS3) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=sk sk.head.k=8,32 seed=$(SEEDS3) $(JOBLIB2)
+	$(LOCK) $(RUN) -m +exp=ddqn profile=ablation exp.agent=ddqn seed=$(SEEDS3) $(JOBLIB2)
 	$(PY) scripts/make_tables.py ddqn
 
 table-smoke: setup
@@ -72,7 +72,6 @@ table-smoke: setup
 	$(PY) scripts/make_tables.py smoke
 
 JOBLIB2 := hydra/launcher=joblib hydra.launcher.n_jobs=2
-DDQN_ENVS := exp.env=cartpole,acrobot,lunarlander,breakout
 
 # PROFILE=paper runs the paper's setting; the quick profiles keep Fashion-MNIST and the offline backbones.
 # CNN readout, paper: CIFAR-10 with the CIFAR ResNet-18, 5 seeds, one job at a time (they share the GPU).

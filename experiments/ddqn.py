@@ -88,7 +88,7 @@ return reaches the env's ``threshold``; the budget when never reached, with ``re
 reading; evaluation and checkpoint writing excluded). For tables: ``summarize`` (per env and agent: IQM
 and mean with 95% bootstrap CIs), ``comparisons`` (normalised scores, aggregates across envs with
 stratified bootstrap CIs, paired per-seed differences against Double DQN, cost), ``make_figure``
-(learning curves) and ``make_figures`` (performance profiles); the statistics are rliable's (Agarwal et
+(learning curves) and ``extra_figures`` (performance profiles); the statistics are rliable's (Agarwal et
 al., 2021).
 
 Checkpoints (resume a killed run): at the first episode end after every ``checkpoint_interval`` env steps,
@@ -110,6 +110,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium as gym
@@ -216,37 +217,39 @@ def psi(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features, dim=1)
 
 
-def sk_predict(z: torch.Tensor, x: torch.Tensor, y: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    """``sk.sparse_krr`` with the head's k, kernel, lengthscale and ridge, for representations of one norm.
-
-    Both heads' representations have a constant norm (ψ: 1; [ψ, 2 e_a]: √5), so the nearest support points
-    are those of largest inner product: one matmul and a top-k, passed to SK as its ``indices``. At these
-    sizes (≤ 512 queries, 256 points) ``sk.knn_search``'s general search cost more than the solves
-    (CartPole 10% and Breakout 22% of the SK agent's time per step, measured).
-    """
-    with torch.no_grad():
-        indices = (z @ x.T).topk(min(head.k, x.shape[0]), dim=1).indices
-    return sk.sparse_krr(z, x, y, k=head.k, kernel=head.kernel, lengthscale=head.lengthscale, ridge=head.ridge,
-                         indices=indices)
+def sk_predict(z: torch.Tensor, x, y: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """``sk.sparse_krr`` with the head's k, kernel, lengthscale and ridge; ``x`` a ``sk.PrecomputedSupport``
+    (the cached support, see ``CachedSupport``) or a tensor (``support_grad``)."""
+    return sk.sparse_krr(z, x, y, k=head.k, kernel=head.kernel, lengthscale=head.lengthscale, ridge=head.ridge)
 
 
-class CachedSupportFeatures:
-    """ψ(support states) by ``qnet``, without gradient, recomputed only when the network or the support
-    has changed.
+class CachedSupport:
+    """``sk.PrecomputedSupport`` of the support representations by ``qnet`` (ψ of the support states, then
+    ``embed(ψ, *extra)`` if given), computed without gradient and recomputed only when the network or the
+    support has changed.
 
     Every in-place update (optimiser steps, ``load_state_dict``, ``copy_`` of the support) bumps a tensor's
     ``_version``; a moved or copied module has new storage. Both are in the key.
+
+    A frozen network's support (the target network's: unchanged for a whole training burst, 128 gradient
+    steps on CartPole) also gets its N x N distances (``distances=True``), so that its calls gather their
+    local matrices. The online network's changes after every gradient step, which queries it twice: forming
+    the distances (a 256 x 256 x 256 float64 matmul) would cost as much as the local matrices of those two
+    calls, so its calls form their own.
     """
 
-    def __init__(self, qnet: QNetwork):
+    def __init__(self, qnet: QNetwork, embed=None):
         self.qnet, self.params = qnet, list(qnet.parameters())  # (a deep copy of the owner copies both alike)
+        self.embed = embed
         self.key, self.value = None, None
 
-    def __call__(self, support_obs: torch.Tensor) -> torch.Tensor:
-        key = (support_obs._version, support_obs.data_ptr(), *((p._version, p.data_ptr()) for p in self.params))
+    def __call__(self, support_obs: torch.Tensor, *extra: torch.Tensor) -> sk.PrecomputedSupport:
+        key = tuple((t._version, t.data_ptr()) for t in (support_obs, *extra, *self.params))
         if key != self.key:
             with torch.no_grad():
-                self.value = psi(self.qnet.features(support_obs))
+                x = psi(self.qnet.features(support_obs))
+                frozen = not any(p.requires_grad for p in self.params)
+                self.value = sk.PrecomputedSupport(self.embed(x, *extra) if self.embed else x, distances=frozen)
             self.key = key
         return self.value
 
@@ -271,7 +274,7 @@ class SKQNetwork(nn.Module):
             self.register_buffer("targets", targets)
         self.register_buffer("lengthscale", torch.tensor(1.0))
         self.register_buffer("active", torch.tensor(False))
-        self.support_psi = CachedSupportFeatures(qnet)
+        self.support = CachedSupport(qnet)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
         features = self.qnet.features(obs)
@@ -281,7 +284,7 @@ class SKQNetwork(nn.Module):
         if self.support_grad and torch.is_grad_enabled():
             x = psi(self.qnet.features(self.support_obs))
         else:
-            x = self.support_psi(self.support_obs)
+            x = self.support(self.support_obs)
         return at(q + sk_predict(psi(features), x, self.targets, self), actions)
 
     @torch.no_grad()
@@ -295,7 +298,7 @@ class SKQNetwork(nn.Module):
         residual = double_dqn_target(rewards, dones, next_obs, self, target_agent, gamma) - self.qnet(obs, actions)
         self.support_obs.copy_(obs)
         self.targets.zero_().scatter_(1, actions[:, None], residual[:, None])
-        set_lengthscale(self, self.support_psi(self.support_obs))
+        set_lengthscale(self, self.support(self.support_obs).x)
         self.active.fill_(True)
         return True
 
@@ -327,14 +330,14 @@ class EpisodicQNetwork(nn.Module):
         self.use_memory = False  # set on the target network only (train)
         self.register_buffer("lengthscale", torch.tensor(1.0))
         self.register_buffer("active", torch.tensor(False))
-        self.support_psi = CachedSupportFeatures(qnet)
+        self.support = CachedSupport(qnet, self.embed)
 
     def embed(self, psi_s: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """ψ(s, a) = [ψ(s), 2 e_a]: (M, d), (M,) → (M, d + A)."""
         return torch.cat([psi_s, ACTION_SCALE * F.one_hot(actions, self.num_actions).to(psi_s.dtype)], dim=1)
 
-    def support_embedding(self) -> torch.Tensor:
-        return self.embed(self.support_psi(self.support_obs), self.support_actions)
+    def support_embedding(self) -> sk.PrecomputedSupport:
+        return self.support(self.support_obs, self.support_actions)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
         features = self.qnet.features(obs)
@@ -360,7 +363,7 @@ class EpisodicQNetwork(nn.Module):
         self.support_obs.copy_(obs)
         self.support_actions.copy_(actions)
         self.targets.copy_(returns - self.qnet(obs, actions))
-        set_lengthscale(self, self.support_embedding())
+        set_lengthscale(self, self.support_embedding().x)
         self.active.fill_(True)
         return True
 
@@ -895,43 +898,46 @@ def make_figure(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def make_figures(records: list[dict], folder: Path) -> list[Path]:
-    """Performance profiles (Agarwal et al., 2021), one file per profile with records on several envs:
-    ``<folder>/ddqn_performance_profile_<profile>.png``, the fraction of runs (all envs pooled) whose
-    normalised final score exceeds τ, with 95% stratified bootstrap bands (rliable)."""
+def extra_figures(records: list[dict]) -> list[tuple[str, Callable[[Path], None]]]:
+    """Performance profiles (Agarwal et al., 2021), one figure per profile with records on several envs,
+    ``ddqn_performance_profile_<profile>.png`` (the table builder writes them beside the table): the
+    fraction of runs (all envs pooled) whose normalised final score exceeds τ, with 95% stratified
+    bootstrap bands (rliable)."""
+    out = []
+    for profile, recs in _profiles(records).items():
+        if len(_scores(recs)) >= 2:
+            out.append((f"ddqn_performance_profile_{profile}.png",
+                        lambda path, recs=recs, profile=profile: draw_performance_profile(recs, profile, path)))
+    return out
+
+
+def draw_performance_profile(recs: list[dict], profile: str, path: Path) -> None:
+    """The performance profile of one profile's records (see ``extra_figures``), as a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from rliable import library as rly
 
-    written = []
-    for profile, recs in _profiles(records).items():
-        scores = _scores(recs)
-        if len(scores) < 2:
-            continue
-        variants = set.intersection(*(set(v) for v in scores.values()))
-        per_variant = {variant_label(v): [np.array([m["normalised_final"] for m in scores[e][v].values()])
-                                          for e in sorted(scores)] for v in variants}
-        taus = np.linspace(min(-0.25, min(float(x.min()) for t in per_variant.values() for x in t)),
-                           max(1.25, max(float(x.max()) for t in per_variant.values() for x in t)), 101)
-        profile_of = lambda *t: rly.score_distributions(np.concatenate(t)[:, None], taus)  # noqa: E731
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            point, ci = rly.get_interval_estimates(per_variant, profile_of, reps=PROFILE_REPS,
-                                                   random_state=np.random.RandomState(0))
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for label in sorted(per_variant, key=lambda s: (s != "ddqn", s)):
-            line, = ax.plot(taus, point[label], label=label)
-            ax.fill_between(taus, ci[label][0], ci[label][1], color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("normalised final score τ (0 = random policy, 1 = reference)")
-        ax.set_ylabel("fraction of runs with score > τ")
-        ax.set_title(f"Performance profile, {len(scores)} envs ({profile}); bands: 95% stratified bootstrap", fontsize=8)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(folder) / f"ddqn_performance_profile_{profile}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
-        written.append(path)
-    return written
+    scores = _scores(recs)
+    variants = set.intersection(*(set(v) for v in scores.values()))
+    per_variant = {variant_label(v): [np.array([m["normalised_final"] for m in scores[e][v].values()])
+                                      for e in sorted(scores)] for v in variants}
+    taus = np.linspace(min(-0.25, min(float(x.min()) for t in per_variant.values() for x in t)),
+                       max(1.25, max(float(x.max()) for t in per_variant.values() for x in t)), 101)
+    profile_of = lambda *t: rly.score_distributions(np.concatenate(t)[:, None], taus)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        point, ci = rly.get_interval_estimates(per_variant, profile_of, reps=PROFILE_REPS,
+                                               random_state=np.random.RandomState(0))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label in sorted(per_variant, key=lambda s: (s != "ddqn", s)):
+        line, = ax.plot(taus, point[label], label=label)
+        ax.fill_between(taus, ci[label][0], ci[label][1], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("normalised final score τ (0 = random policy, 1 = reference)")
+    ax.set_ylabel("fraction of runs with score > τ")
+    ax.set_title(f"Performance profile, {len(scores)} envs ({profile}); bands: 95% stratified bootstrap", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, format="png")
+    plt.close(fig)

@@ -15,6 +15,9 @@ Sections, all measured in this process (the memory case in a fresh subprocess):
    1024, k=32) against the neighbour search alone.
 6. Fashion-MNIST raw pixels: training-free SK (k, lengthscale, ridge, kernel picked on a validation
    split) against DINO's weighted k-NN and exact KRR on a subset.
+7. Small calls, one thread (an RL agent's SK head: 256 support points, d=256, k=16): the time of one
+   call with 1 and 64 queries, and of forward + backward to 64 queries, on a plain tensor and on an
+   ``sk.PrecomputedSupport`` (with and without its N x N distances).
 
 When CUDA is present, a GPU section is measured too and written to ``--cuda-out``
 (results/bench_sk_cuda.md) with the card's name: SK against the k-NN vote written as DINO's evaluation
@@ -62,6 +65,7 @@ FULL = dict(
                  exact_n=20000, exact_mults=[0.5, 1.0, 2.0, 4.0], exact_ridges=[1e-3, 1e-1]),
     classes=dict(M=4000, N=20000, d=256, k=32, Cs=[10, 1000], repeats=5),
     train=dict(N=50000, d=256, batch=1024, k=32, classes=10, repeats=5),
+    small=dict(N=256, d=256, k=16, c=2, batch=64, calls=200, repeats=7),
 )
 QUICK = dict(
     ratio=dict(M=200, N=1000, d=32, k=8, classes=5, repeats=2),
@@ -73,6 +77,7 @@ QUICK = dict(
                  kernels=["gaussian"], exact_select_n=500, exact_n=1000, exact_mults=[1.0], exact_ridges=[1e-1]),
     classes=dict(M=200, N=1000, d=32, k=8, Cs=[10, 1000], repeats=2),
     train=dict(N=2000, d=32, batch=128, k=8, classes=10, repeats=2),
+    small=dict(N=256, d=256, k=16, c=2, batch=64, calls=10, repeats=2),
 )
 # The GPU section: (M queries, N support, d, k, C), the last the ImageNet k-NN evaluation shape (DINO: k=20).
 DEVICE_FULL = dict(
@@ -602,6 +607,70 @@ def bench_fashion(cfg: dict) -> dict:
     return res
 
 
+# -- 7: small calls -------------------------------------------------------------------------------------
+def bench_small(cfg: dict) -> dict:
+    """Microseconds per call of SK on a small fixed support, one thread, fresh queries every call (a pool
+    cycled through: repeating one query would let the CPU's branch predictor learn the search's
+    selection), median of interleaved repeats."""
+    g = torch.Generator().manual_seed(7)
+    n, d, k, c, b = cfg["N"], cfg["d"], cfg["k"], cfg["c"], cfg["batch"]
+    x = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    y = torch.randn(n, c, generator=g)
+    ls = sk.auto_lengthscale(x, k=k)
+    pool = {m: [F.normalize(torch.randn(m, d, generator=g), dim=1) for _ in range(32)] for m in (1, b)}
+    supports = {"plain tensor": x, "PrecomputedSupport": sk.PrecomputedSupport(x),
+                "PrecomputedSupport(distances=True)": sk.PrecomputedSupport(x, distances=True)}
+    calls = cfg["calls"]
+
+    def cases(xs):
+        def nograd(m):
+            def run():
+                with torch.no_grad():
+                    for j in range(calls):
+                        sk.sparse_krr(pool[m][j % 32], xs, y, k=k, lengthscale=ls, ridge=1e-3)
+            return run
+
+        def grad():
+            for j in range(calls):
+                z = pool[b][j % 32].clone().requires_grad_()
+                sk.sparse_krr(z, xs, y, k=k, lengthscale=ls, ridge=1e-3).sum().backward()
+        return {"m1": nograd(1), f"m{b}": nograd(b), f"m{b}_grad": grad}
+
+    fns = {(name, case): fn for name, xs in supports.items() for case, fn in cases(xs).items()}
+    fns.update({("build", "plain"): lambda: [sk.PrecomputedSupport(x) for _ in range(calls)],
+                ("build", "distances"): lambda: [sk.PrecomputedSupport(x, distances=True) for _ in range(calls)]})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        med, _ = interleaved_medians(fns, cfg["repeats"])
+    finally:
+        torch.set_num_threads(before)
+    us = {key: 1e6 * v / calls for key, v in med.items()}
+    log("small calls: " + ", ".join(f"{a} {b_}: {v:.0f} us" for (a, b_), v in us.items()))
+    return {"config": cfg, "us": us, "lengthscale": ls, "paths": list(supports)}
+
+
+def small_report(sm: dict) -> list[str]:
+    c, us, b = sm["config"], sm["us"], sm["config"]["batch"]
+    out = [
+        "## 7. Small calls (one thread)",
+        "",
+        f"An RL agent's SK head: N={c['N']} unit-norm support points, d={c['d']}, k={c['k']}, {c['c']} targets, "
+        f"Gaussian kernel (lengthscale auto, {sm['lengthscale']:.3g}), ridge 1e-3. Microseconds per call, median "
+        f"of {c['repeats']} interleaved repeats of {c['calls']} calls, each on fresh queries. `sk.sparse_krr(z, x, "
+        "y)` with x a plain tensor, or an `sk.PrecomputedSupport` of it prepared once (its preparation is timed "
+        "separately).",
+        "",
+        f"| support | 1 query, no grad (us) | {b} queries, no grad (us) | {b} queries, forward + backward to them (us) |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| {name} | {us[(name, 'm1')]:.0f} | {us[(name, f'm{b}')]:.0f} | {us[(name, f'm{b}_grad')]:.0f} |"
+            for name in sm["paths"]]
+    out += ["", f"Preparing the support: {us[('build', 'plain')]:.0f} us; with its N x N distances "
+            f"{us[('build', 'distances')]:.0f} us.", ""]
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------------------
 def fmt_s(sec: float) -> str:
     """Seconds to 4 significant digits, so that ratios of printed times match the printed ratios."""
@@ -763,6 +832,7 @@ def report(command: str, info: dict, load: tuple, results: dict, quick: bool, to
         out += ["", "| exact KRR lengthscale mult | ridge | val acc |", "|---|---|---|"]
         out += [f"| {g['mult']} | {g['ridge']:g} | {g['val_acc']:.4f} |" for g in fm["exact_grid"]]
         out += ["", "</details>", ""]
+    out += small_report(results["small"])
     return "\n".join(out)
 
 
@@ -808,6 +878,8 @@ def main(argv=None) -> None:
         results["train"] = bench_train_step(cfg["train"])
         log("6. Fashion-MNIST")
         results["fashion"] = bench_fashion(cfg["fashion"])
+        log("7. small calls")
+        results["small"] = bench_small(cfg["small"])
         total = time.perf_counter() - start
         text = report(command, info, load0 + os.getloadavg(), results, args.quick, total)
         write_report(out_path, text)

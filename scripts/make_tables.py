@@ -22,7 +22,8 @@ Per section the experiment module may add (see docs/INTERFACES.md, "Tables"):
 ``comparisons(records) -> list[str]`` (Markdown lines under "Comparisons"), ``summarize(records)``
 (a table of confidence intervals), and every row that carries ``sk_grid`` is drawn in a sensitivity figure
 ``<experiment>_sensitivity*.png``. ``make_figure(records, path)`` draws ``<experiment>.png`` from all
-records of the table. All files of a table are written to temporary files first and renamed at the end:
+records of the table; ``extra_figures(records) -> [(file name, draw(path)), ...]`` adds more figures
+(for example ddqn's performance profiles), each linked from the table. All files of a table are written to temporary files first and renamed at the end:
 a table is written whole or not at all.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,11 +384,11 @@ def draw_sensitivity(records: list[dict], path: Path) -> None:
             ax.minorticks_off()
             ax.grid(alpha=0.3)
             if i == 0:
-                ax.set_title(f"kernel {kern}")
+                ax.set_title(f"kernel {kern}", fontsize=9)
             if i == len(shown) - 1:
                 ax.set_xlabel("k (neighbours)")
             if j == 0:
-                ax.set_ylabel(", ".join(f"{k}={v}" for k, v in rk if k in varying) + "\nval acc (%)", fontsize=8)
+                ax.set_ylabel("val acc (%)", fontsize=8)
     legend: dict[str, Any] = {}
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
@@ -397,9 +399,19 @@ def draw_sensitivity(records: list[dict], path: Path) -> None:
         fig.legend(handles, [h.get_label() for h in handles], title="lengthscale\n× auto" if multiples else "lengthscale",
                    loc="center right", fontsize=8, title_fontsize=8)
     ridge_txt = ", ".join(f"{r:g}" for r in ridges)
-    fig.suptitle(f"SK validation accuracy over its selection grid (mean over {n} seed{'s' if n != 1 else ''}, "
-                 f"best over ridge in {{{ridge_txt}}}; star: best setting)", fontsize=9)
+    title = (f"SK validation accuracy over its selection grid (mean over {n} seed{'s' if n != 1 else ''}, "
+             f"best over ridge in {{{ridge_txt}}}; star: best setting)")
+    fig.suptitle(textwrap.fill(title, width=int(14 * fig.get_figwidth())), fontsize=9)  # a narrow figure wraps it
     fig.tight_layout(rect=(0, 0, 0.86 if handles else 1, 0.97))
+    if len(shown) > 1:
+        # Each feature set names its row in a line above it (a rotated y label that long overlaps the
+        # next row): room between the rows, then the text at the row's top-left corner.
+        fig.subplots_adjust(hspace=0.55)
+        for i, rk in enumerate(shown):
+            box = axes[i, 0].get_position()
+            label = ", ".join(f"{k}={v}" if k != "setting" else str(v) for k, v in rk if k in varying)
+            fig.text(box.x0, box.y1 + (0.004 if i else 0.018), label, ha="left", va="bottom", fontsize=8,
+                     fontweight="bold")
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
@@ -436,6 +448,12 @@ def build(name: str, runs_dir: Path, out_dir: Path, allow_uncommitted: bool = Fa
            f"spent choosing its hyperparameters on validation.", ""]
     if has("make_figure"):
         md += [f"![{name}]({name}.png)", ""]
+    extra_figs = list(module.extra_figures(used)) if has("extra_figures") else []
+    for file_name, _ in extra_figs:
+        if "/" in file_name or not file_name.startswith(f"{name}_") or not file_name.endswith(".png"):
+            raise ValueError(f"experiments.{name}.extra_figures: {file_name!r} must be a file name "
+                             f"'{name}_*.png' (it is written beside the table)")
+        md += [f"![{file_name[:-4]}]({file_name})", ""]
     tex_parts = [f"% {PREVIEW_BANNER}: built with --allow-uncommitted; never commit this file"] if bad else []
     csv_buf = io.StringIO()
     if bad:
@@ -489,6 +507,7 @@ def build(name: str, runs_dir: Path, out_dir: Path, allow_uncommitted: bool = Fa
              out_dir / f"{name}.tex": "\n\n".join(tex_parts) + "\n"}
     if has("make_figure"):
         figures.insert(0, (out_dir / f"{name}.png", lambda p: module.make_figure(used, p)))
+    figures += [(out_dir / file_name, draw) for file_name, draw in extra_figs]
     written = _write_all(files, figures)
     keep = {p.name for p in written}
     for stale in out_dir.glob(f"{name}_sensitivity*.png"):  # a figure of a section that no longer exists

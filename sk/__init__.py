@@ -12,7 +12,8 @@ hyperparameters. The package needs torch alone (numpy optional, faiss optional f
 
 See docs in each module: ``sk.kernels`` (formulas), ``sk.knn`` (search, weighted k-NN, auto
 lengthscale), ``sk.linalg`` (jittered Cholesky), ``sk.krr`` (functional API, label path, continuous
-variant, numerics), ``sk.modules`` (SKLayer, SKClassifier, save and load), ``sk.budget`` (memory budgets
+variant, numerics), ``sk.modules`` (SKLayer, SKClassifier, save and load), ``sk.support`` (a fixed support prepared once
+for many calls), ``sk.budget`` (memory budgets
 per device and their override), ``sk.precision`` (half precision, autocast) and ``sk.sklearn``
 (scikit-learn estimators; imported on first use, it needs scikit-learn).
 """
@@ -23,11 +24,12 @@ from .knn import BACKENDS, auto_lengthscale, knn_search, weighted_knn
 from .krr import continuity_weights, exact_krr, sparse_krr
 from .linalg import SingularSystemError, psd_solve, robust_cholesky
 from .modules import SKClassifier, SKLayer
+from .support import PrecomputedSupport
 
 __version__ = "0.1.0"
 __all__ = [
     "sparse_krr", "exact_krr", "knn_search", "weighted_knn", "auto_lengthscale",
-    "SKLayer", "SKClassifier",
+    "SKLayer", "SKClassifier", "PrecomputedSupport",
     "Kernel", "Gaussian", "Laplacian", "Matern32", "Matern52", "IMQ", "Linear", "KERNELS", "make_kernel",
     "BACKENDS", "SingularSystemError", "robust_cholesky", "psd_solve", "continuity_weights",
     "safe_norm_from_sq", "sq_dists", "block_budget", "set_block_budget",

@@ -130,11 +130,32 @@ class Kernel(nn.Module):
         TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``) all these distances carry TF32's
         1e-3 relative error, still relative to the neighbourhood's scale.
         """
-        gram = _SelfGram.apply(xc)                                     # (B, k, k)
+        gram = _SelfGram.apply(xc) if xc.requires_grad else torch.bmm(xc, xc.transpose(1, 2))   # (B, k, k)
         sq = gram.diagonal(dim1=1, dim2=2)
         d2xx = (sq.unsqueeze(2) + sq.unsqueeze(1)).sub_(gram, alpha=2.0).clamp_min(0.0)
         d2xx.diagonal(dim1=1, dim2=2).zero_()      # clamp_min keeps its input, not its output: in place is safe
         return cls.k(sq, lengthscale), cls.k(d2xx, lengthscale), sq
+
+    @classmethod
+    def local_anchored(cls, z: Tensor, xg: Tensor, lengthscale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """``local`` for a support that needs no gradient (xg (B, k, d) modified in place; nearest first).
+
+        The neighbours are centred on the nearest one, a = x_{I_1}: their (B, k, k) distances then come
+        from one batched matmul that does not involve z and carries no graph, and the query enters through
+        ||x_i - z||^2 = ||x_i - a||^2 + ||z - a||^2 - 2 (x_i - a).(z - a), one (B, k) product. All terms are
+        of the neighbourhood's scale, as with ``local_offsets``; the nearest neighbour's own offset is
+        exactly 0, so a query on a support point has r = 0 exactly, and its gradient is exact.
+        """
+        anchor = xg[:, 0].clone()
+        xc = xg.sub_(anchor.unsqueeze(1))                                  # (B, k, d), no graph
+        gram = torch.bmm(xc, xc.transpose(1, 2))
+        sq = gram.diagonal(dim1=1, dim2=2)
+        d2xx = (sq.unsqueeze(2) + sq.unsqueeze(1)).sub_(gram, alpha=2.0).clamp_min_(0.0)
+        d2xx.diagonal(dim1=1, dim2=2).zero_()
+        za = z - anchor                                                    # (B, d), z's graph
+        cross = torch.bmm(xc, za.unsqueeze(2)).squeeze(2)                  # (B, k)
+        d2z = (sq + (za * za).sum(1, keepdim=True) - 2.0 * cross).clamp_min(0.0)
+        return cls.k(d2z, lengthscale), cls.k(d2xx, lengthscale), d2z
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """K(a, b) with this module's lengthscale: a (..., n, d), b (..., m, d) -> (..., n, m)."""

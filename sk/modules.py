@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .kernels import KERNELS, Kernel, make_kernel
 from .knn import as_chunk_size, as_k, auto_lengthscale
 from .krr import _is_labels, as_num_classes, check_ridge, sparse_krr
+from .support import PrecomputedSupport
 
 __all__ = ["SKLayer", "SKClassifier"]
 
@@ -59,6 +60,10 @@ class SKLayer(nn.Module):
         backend, chunk_size, solve_dtype: as in ``sk.sparse_krr``.
         num_classes: C, for integer label targets.
         copy: store copies of fixed representations and targets (default: hold the given tensors).
+        precompute: ``False`` (default), ``True`` or ``"distances"``: calls on a support that needs no gradient
+            (the stored fixed representations, or per-call ones without grad) go through a cached
+            ``sk.PrecomputedSupport`` of it (rebuilt when the tensor changes), with its N x N distances for
+            ``"distances"`` (for small supports queried many times; see ``sk.support``). Same results.
 
     Shapes: ``forward(z (M, d)) -> (M, c)``, (M, C) for labels, or (M,) for one-dimensional targets.
 
@@ -78,9 +83,12 @@ class SKLayer(nn.Module):
                  learn_representations: bool = False, learn_targets: bool = False,
                  learn_lengthscale: bool = False, learn_ridge: bool = False, continuous: bool = False,
                  taper: float = 0.5, backend: str = "torch", chunk_size: int | None = None,
-                 solve_dtype: torch.dtype | None = None, num_classes: int | None = None, copy: bool = False):
+                 solve_dtype: torch.dtype | None = None, num_classes: int | None = None, copy: bool = False,
+                 precompute: bool | str = False):
         super().__init__()
         self.k = as_k(k)
+        self.precompute = _check_precompute(precompute)
+        self._prepared = (None, None)
         if continuous and not 0.0 < taper <= 1.0:
             raise ValueError(f"taper must be in (0, 1], got {taper}")
         check_ridge(ridge)
@@ -158,6 +166,8 @@ class SKLayer(nn.Module):
         y = targets if targets is not None else self.targets
         if x is None or y is None:
             raise ValueError("no representations/targets stored: pass them to forward(z, representations, targets)")
+        if self.precompute and isinstance(x, Tensor) and not (x.requires_grad and torch.is_grad_enabled()):
+            x = self._prepare(x.detach())
         if self.auto_per_call:
             kernel, lengthscale = type(self.kernel), "auto"
         else:
@@ -166,6 +176,14 @@ class SKLayer(nn.Module):
                           chunk_size=self.chunk_size, backend=self.backend, solve_dtype=self.solve_dtype,
                           indices=indices, continuous=self.continuous, taper=self.taper,
                           num_classes=self.num_classes if _is_labels(y) else None)
+
+    def _prepare(self, x: Tensor) -> PrecomputedSupport:
+        """The cached ``PrecomputedSupport`` of x, rebuilt when x is another tensor or was changed in place."""
+        key = (x.data_ptr(), x._version, x.shape, x.dtype, x.device, self.precompute)
+        if self._prepared[0] != key:
+            self._prepared = (key, PrecomputedSupport(x, distances=self.precompute == "distances",
+                                                      dtype=self.solve_dtype))
+        return self._prepared[1]
 
     def extra_repr(self) -> str:
         return f"k={self.k}, continuous={self.continuous}, backend={self.backend!r}"
@@ -186,6 +204,7 @@ class SKLayer(nn.Module):
             "solve_dtype": None if self.solve_dtype is None else str(self.solve_dtype).replace("torch.", ""),
             "auto_per_call": self.auto_per_call,
             "num_classes": self.num_classes,
+            "precompute": self.precompute,
             "slots": {name: self._slot_kind(name) for name in self._slots},
         }
 
@@ -197,6 +216,8 @@ class SKLayer(nn.Module):
         self.backend, self.chunk_size = state["backend"], state["chunk_size"]
         self.solve_dtype = None if state["solve_dtype"] is None else getattr(torch, state["solve_dtype"])
         self.auto_per_call, self.num_classes = bool(state["auto_per_call"]), state["num_classes"]
+        self.precompute = _check_precompute(state.get("precompute", False))
+        self._prepared = (None, None)
 
     def _home_device(self) -> torch.device:
         return (self.log_ridge if "log_ridge" in self._parameters else self.fixed_ridge).device
@@ -242,6 +263,12 @@ class SKLayer(nn.Module):
                                       error_msgs)
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)  # saved before the extra state existed: the layer's own options stay
+
+
+def _check_precompute(value) -> bool | str:
+    if value not in (False, True, "distances"):
+        raise ValueError(f"precompute must be False, True or 'distances', got {value!r}")
+    return value
 
 
 class SKClassifier(SKLayer):

@@ -318,8 +318,11 @@ def test_figures_and_notes_render(tmp_path, few_reps):
     recs = fake_records({("cartpole", "ddqn"): [300.0, 400.0, 500.0], ("cartpole", "sk"): [350.0, 420.0, 480.0],
                          ("acrobot", "ddqn"): [-120.0, -90.0, -100.0], ("acrobot", "sk"): [-110.0, -95.0, -85.0]})
     ddqn.make_figure(recs, tmp_path / "curves.png")
-    (profile,) = ddqn.make_figures(recs, tmp_path)
-    assert (tmp_path / "curves.png").stat().st_size > 10_000 and profile.stat().st_size > 10_000
+    ((name, draw),) = ddqn.extra_figures(recs)
+    assert name == "ddqn_performance_profile_quick.png"
+    draw(tmp_path / name)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and (tmp_path / name).stat().st_size > 10_000
+    assert ddqn.extra_figures([r for r in recs if r["rows"][0]["keys"]["env"] == "cartpole"]) == []  # one env: none
     notes = "\n".join(ddqn.comparisons(recs))
     for heading in ("Normalised scores", "Across environments", "Paired differences", "Cost"):
         assert heading in notes

@@ -301,3 +301,26 @@ def test_dirty_means_code_changed_not_results(tmp_path):
     (tmp_path / "helper.py").unlink()
     (tmp_path / "code.py").write_text("x = 2\n")
     assert records_mod.git_commit(tmp_path) == head + "-dirty"
+
+
+def test_extra_figures_hook_writes_and_links_each_figure(tmp_path, monkeypatch):
+    drawn = []
+
+    def extra_figures(records):
+        def draw(path):
+            drawn.append(len(records))
+            path.write_bytes(b"\x89PNG fake")
+        return [("demo_profile_quick.png", draw)]
+
+    _no_module(monkeypatch, extra_figures=extra_figures)
+    runs = tmp_path / "runs"
+    atomic_write_json(runs / "demo" / "quick" / "r0.json", _record(0, 0.8, 0.5, "2026-01-01"))
+    make_tables.build("demo", runs, tmp_path / "out")
+    assert drawn == [1] and (tmp_path / "out" / "demo_profile_quick.png").read_bytes() == b"\x89PNG fake"
+    assert "![demo_profile_quick](demo_profile_quick.png)" in (tmp_path / "out" / "demo.md").read_text()
+
+    # a name that would land outside the table's folder, or not be recognisable as the table's, is refused
+    _no_module(monkeypatch, extra_figures=lambda records: [("../evil.png", lambda p: None)])
+    with pytest.raises(ValueError, match="demo_\\*.png"):
+        make_tables.build("demo", runs, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

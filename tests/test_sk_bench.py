@@ -53,8 +53,16 @@ def test_cpu_report_header_and_sections(reports):
     text, _ = reports
     assert text.startswith("# sk benchmark") and "Quick smoke run" in text
     assert "Command: `" in text and "torch threads 1" in text
-    for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
+    for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7."):
         assert section in text
+
+
+def test_section_7_small_calls(reports):
+    text, _ = reports
+    rows = {r[0]: [num(v) for v in r[1:]] for r in table(text, "| support |")}
+    assert list(rows) == ["plain tensor", "PrecomputedSupport", "PrecomputedSupport(distances=True)"]
+    assert all(v > 0 for vals in rows.values() for v in vals)
+    assert re.search(r"Preparing the support: [0-9]+ us; with its N x N distances [0-9]+ us", text)
 
 
 def test_section_1_ratio_is_the_quotient_of_the_times(reports):
