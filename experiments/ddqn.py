@@ -26,8 +26,10 @@ hyperparameters (``configs/exp/ddqn.yaml``, per environment under ``exp.envs``; 
                            - Targets Y (S × A), set at each refresh to the TD-error residual of the support
                              transition (s_j, a_j, r_j, s'_j): Y_j = e_{a_j} (y_j − Q_θ(s_j, a_j)), y_j its
                              Double DQN target (zero for the actions not taken), so that right after a
-                             refresh the augmented Q meets the bootstrap target at the support points and
-                             decays to the network's own estimate away from them. ``targets=fixed``: Y
+                             refresh the augmented Q moves toward the bootstrap target at the support points
+                             (all the way as the ridge goes to 0; the default ridge 1 shrinks the noisy
+                             residuals, where 1e-3 interpolated them and the agent collapsed) and decays to
+                             the network's own estimate away from them. ``targets=fixed``: Y
                              stays until the next refresh; ``targets=learned``: Y is a parameter with the
                              same start, trained by the TD loss (fresh Adam moments at each refresh).
 
@@ -49,8 +51,9 @@ hyperparameters (``configs/exp/ddqn.yaml``, per environment under ``exp.envs``; 
                              at most 2 apart and pairs of different actions at least 2√2: a query's
                              neighbours are memories of its own action (NEC's one memory per action).
                            - Y_j (set at each refresh from the online network) makes M a mixture: at a
-                             remembered (s_j, a_j), M = (1 − w) Q + w G_j, the bootstrapped estimate mixed
-                             with what actually followed; away from the memory, M = Q_target. w = ``mix``.
+                             remembered (s_j, a_j), M = (1 − w) Q + w G_j (as the ridge goes to 0; the ridge
+                             shrinks Y toward 0), the bootstrapped estimate mixed with what actually
+                             followed; away from the memory, M = Q_target. w = ``mix``.
                            Why it may help where design 1 did not: design 1's targets are the TD loss's
                            own bootstrap targets, so the head only anticipates what the gradient steps fit
                            anyway; design 2 brings information the TD loss propagates slowly: multi-step
