@@ -124,6 +124,7 @@ import torch.nn.functional as F
 
 import sk
 from experiments.core.atomic import atomic_write
+from experiments.core.probes import rliable_seed
 from experiments.core.progress import progress_bar
 
 AGENTS = ("ddqn", "sk", "sk_episodic")
@@ -735,7 +736,7 @@ def _interval(per_task: list[np.ndarray], statistic) -> tuple[float, float, floa
     rliable's stratified bootstrap (runs resampled within each task; tasks may have different run counts)."""
     from rliable import library as rly
 
-    with warnings.catch_warnings():  # arch deprecates the RandomState that rliable passes; the results are the same
+    with warnings.catch_warnings(), rliable_seed(0):  # arch deprecates the RandomState rliable passes
         warnings.simplefilter("ignore", FutureWarning)
         point, ci = rly.get_interval_estimates({"x": [np.asarray(t, dtype=float) for t in per_task]},
                                                lambda *t: np.array([statistic(np.concatenate(t))]),
@@ -929,7 +930,7 @@ def draw_performance_profile(recs: list[dict], profile: str, path: Path) -> None
     taus = np.linspace(min(-0.25, min(float(x.min()) for t in per_variant.values() for x in t)),
                        max(1.25, max(float(x.max()) for t in per_variant.values() for x in t)), 101)
     profile_of = lambda *t: rly.score_distributions(np.concatenate(t)[:, None], taus)  # noqa: E731
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), rliable_seed(0):
         warnings.simplefilter("ignore", FutureWarning)
         point, ci = rly.get_interval_estimates(per_variant, profile_of, reps=PROFILE_REPS,
                                                random_state=np.random.RandomState(0))

@@ -410,7 +410,7 @@ def draw_sensitivity(records: list[dict], path: Path) -> None:
         for i, rk in enumerate(shown):
             box = axes[i, 0].get_position()
             label = ", ".join(f"{k}={v}" if k != "setting" else str(v) for k, v in rk if k in varying)
-            fig.text(box.x0, box.y1 + (0.004 if i else 0.018), label, ha="left", va="bottom", fontsize=8,
+            fig.text(box.x0, box.y1 + (0.004 if i else 0.05), label, ha="left", va="bottom", fontsize=8,
                      fontweight="bold")
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -326,3 +326,21 @@ def test_figures_and_notes_render(tmp_path, few_reps):
     notes = "\n".join(ddqn.comparisons(recs))
     for heading in ("Normalised scores", "Across environments", "Paired differences", "Cost"):
         assert heading in notes
+
+
+def test_bootstrap_cis_are_reproducible(few_reps):
+    """rliable draws from numpy's global generator: the tables' CIs must not change from one build to the next."""
+    from experiments.core.probes import paired_ci
+
+    recs = fake_records({("cartpole", "ddqn"): [25.0, 250.0, 475.0, 300.0], ("acrobot", "ddqn"): [-300.0, -200.0, -120.0, -90.0]})
+    diffs = np.random.default_rng(1).normal(size=5)
+    np.random.seed(123)
+    first = (ddqn.aggregate(recs), paired_ci(diffs))
+    state = np.random.get_state()
+    np.random.seed(456)
+    assert (ddqn.aggregate(recs), paired_ci(diffs)) == first
+    np.random.set_state(state)
+    before = np.random.random()
+    np.random.set_state(state)
+    paired_ci(diffs)
+    assert np.random.random() == before  # the caller's global state is left as it was

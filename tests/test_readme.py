@@ -123,7 +123,6 @@ def test_results_section_is_found_and_bounded():
     assert readme_numbers(results_section(text)) == {"7.25"}
 
 
-@pytest.mark.xfail(strict=True, reason="README results section predates the regenerated tables (issue 13)")
 def test_readme_numbers_come_from_the_tables():
     section = results_section((ROOT / "README.md").read_text())
     tables = [p.read_text() for p in sorted((ROOT / "results").glob("*.md"))]

@@ -19,6 +19,8 @@ that chose its hyperparameters, and its fit and predict seconds.
 """
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -244,6 +246,22 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, fit_idx, val_idx
                        {"C": best_c}, pred, select_s=select_s, settings_tried=len(c_grid))
 
 
+@contextlib.contextmanager
+def rliable_seed(seed: int = 0):
+    """Make rliable's bootstraps reproducible: rliable 1.2 draws its resampling indices from numpy's global
+    generator (``np.random.choice``), ignoring the ``random_state`` it is given, so the same records gave
+    different CIs from one table build to the next. Seeds the global generator for the block and puts
+    its state back afterwards."""
+    import numpy as np
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def paired_ci(diffs, reps: int = 2_000) -> tuple[float, float, float]:
     """Mean of paired per-seed differences (e.g. two readouts' test accuracies on the same split) and its
     95% percentile bootstrap CI over seeds (rliable, ``reps`` replicates, a fixed random state); the CI is
@@ -256,7 +274,7 @@ def paired_ci(diffs, reps: int = 2_000) -> tuple[float, float, float]:
     d = np.asarray(list(diffs), dtype=float)
     if len(d) < 2:
         return float(d.mean()), float("nan"), float("nan")
-    with warnings.catch_warnings():  # arch deprecates the RandomState that rliable passes; the results are the same
+    with warnings.catch_warnings(), rliable_seed(0):  # arch deprecates the RandomState rliable passes
         warnings.simplefilter("ignore", FutureWarning)
         point, ci = rly.get_interval_estimates({"d": [d]}, lambda x: np.array([np.mean(x)]), reps=reps,
                                                random_state=np.random.RandomState(0))
