@@ -20,7 +20,6 @@ that chose its hyperparameters, and its fit and predict seconds.
 from __future__ import annotations
 
 import contextlib
-
 import itertools
 import time
 from dataclasses import dataclass, field
