@@ -40,30 +40,29 @@ BACKENDS = ("torch", "faiss", "faiss-ivf")
 def as_k(k) -> int:
     """k as a Python int >= 1: any integral type (int, numpy integers, integer 0-dim tensors); bool,
     float and non-positive values raise ValueError."""
-    if isinstance(k, (bool, float)) or (isinstance(k, Tensor) and (k.is_floating_point() or k.dtype == torch.bool)):
+    if isinstance(k, Tensor) and (k.is_floating_point() or k.dtype == torch.bool):
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}") from None
-    if k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k}")
-    return k
+    return _positive_index(k, "k must be an integer >= 1")
 
 
 def as_chunk_size(chunk_size, name: str = "chunk_size") -> int | None:
     """None or a positive integer (rows per chunk); anything else raises ValueError."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, (bool, float)):
-        raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}")
+    return _positive_index(chunk_size, f"{name} must be a positive integer or None")
+
+
+def _positive_index(value, message: str) -> int:
+    """value as a Python int >= 1 (any integral type; bool and float refused), else ValueError(message)."""
+    if isinstance(value, (bool, float)):
+        raise ValueError(f"{message}, got {value!r}")
     try:
-        value = operator.index(chunk_size)
+        index = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}")
-    return value
+        raise ValueError(f"{message}, got {value!r}") from None
+    if index < 1:
+        raise ValueError(f"{message}, got {value!r}")
+    return index
 
 
 def search_dtype(z_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:

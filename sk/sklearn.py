@@ -36,6 +36,18 @@ __all__ = ["SparseKernelRegressor", "SparseKernelClassifier"]
 class _SparseKernelBase(BaseEstimator):
     """Shared parameters, validation and the call of ``sk.sparse_krr``."""
 
+    def __init__(self, k=32, kernel="gaussian", lengthscale="auto", ridge=1e-3, continuous=False, taper=0.5,
+                 backend="torch", device="cpu", dtype="float64"):
+        self.k = k
+        self.kernel = kernel
+        self.lengthscale = lengthscale
+        self.ridge = ridge
+        self.continuous = continuous
+        self.taper = taper
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+
     def _check_params(self) -> None:
         as_k(self.k)
         kernel_class(self.kernel)
@@ -87,18 +99,6 @@ class SparseKernelRegressor(RegressorMixin, _SparseKernelBase):
     ``n_features_in_`` (and ``feature_names_in_`` for named columns). Multi-output targets are native.
     """
 
-    def __init__(self, k=32, kernel="gaussian", lengthscale="auto", ridge=1e-3, continuous=False, taper=0.5,
-                 backend="torch", device="cpu", dtype="float64"):
-        self.k = k
-        self.kernel = kernel
-        self.lengthscale = lengthscale
-        self.ridge = ridge
-        self.continuous = continuous
-        self.taper = taper
-        self.backend = backend
-        self.device = device
-        self.dtype = dtype
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
@@ -132,15 +132,8 @@ class SparseKernelClassifier(ClassifierMixin, _SparseKernelBase):
 
     def __init__(self, k=32, kernel="gaussian", lengthscale="auto", ridge=1e-3, continuous=False, taper=0.5,
                  backend="torch", device="cpu", dtype="float64", normalize=False):
-        self.k = k
-        self.kernel = kernel
-        self.lengthscale = lengthscale
-        self.ridge = ridge
-        self.continuous = continuous
-        self.taper = taper
-        self.backend = backend
-        self.device = device
-        self.dtype = dtype
+        super().__init__(k=k, kernel=kernel, lengthscale=lengthscale, ridge=ridge, continuous=continuous,
+                         taper=taper, backend=backend, device=device, dtype=dtype)
         self.normalize = normalize
 
     def fit(self, X, y):
