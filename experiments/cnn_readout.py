@@ -8,16 +8,21 @@ and the cost of choosing its hyperparameters on the validation split:
    at each learning rate of ``exp.optim.<backbone>.lr_grid``; the one with the best validation accuracy
    is the readout.
 2. ``mlp_frozen``: an MLP head retrained on the frozen features of readout 1's chosen backbone, its
-   learning rate and weight decay chosen from ``exp.mlp.lr_grid`` x ``exp.mlp.weight_decay_grid``.
+   learning rate and weight decay chosen from ``probe.mlp.grid``.
 3. ``sk_frozen``: the SK readout on the same frozen features, no training (support: the training
-   features with one-hot labels).
+   features with their labels).
 4. ``sk_e2e``: a fresh backbone (the same initial weights as readout 1) trained end-to-end through an SK
    head for a fraction of E epochs, at each learning rate of readout 1's grid; the support of each step
    is the other half of the batch (``sk.head.support=batch``) or a memory bank of recent detached
    features (``memory``). The head's training setting is ``sk.head.{k,kernel,lengthscale,ridge,...}``.
    Read out with SK as readout 3 (the training (fit) features as support); the learning rate whose SK
    readout has the best validation accuracy is kept.
-5. ``knn_frozen``: DINO's weighted k-NN vote on readout 1's frozen features (cosine, k=20, T=0.07).
+5. ``knn_frozen``: DINO's weighted k-NN vote on readout 1's frozen features, (k, T) chosen from
+   ``probe.knn.grid``.
+
+Readouts 2, 3 and 5 are the overlay's probes (experiments/core/probes, ``<probe>_frozen``; another probe
+named in the overlay adds a row), all choosing on the same validation features (rule ``holdout``) and read
+out from the fit features.
 
 Optional control (``exp.short_linear_control``): ``linear_joint_short``, readout 1 with readout 4's
 epoch budget (its learning rate chosen the same way), which tells whether a short budget suffices for
@@ -33,8 +38,8 @@ setting, as tuning every epoch would cost more than the epoch), and drawn by ``m
 
 ``run`` is the sequence of steps: ``read_settings`` (the config, read once), ``draw_split``,
 ``linear_joint_readout`` (readout 1), ``frozen_features`` and ``frozen_readouts`` (2, 3, 5),
-``sk_e2e_readout`` (readout 4), the control (``linear_joint_readout`` again), the rows.
-``comparisons`` writes the differences the README quotes under the table (``scripts/make_tables.py``).
+``sk_e2e_readout`` (readout 4), the control (``linear_joint_readout`` again), the rows. The table, its
+comparisons and figures: experiments/reports/cnn_readout.py.
 
 Costs (row metrics): ``train_s`` is the chosen setting's own gradient training (the head alone for
 frozen readouts; evaluation passes not counted) and ``train_epochs`` its epochs; ``select_s`` is what
@@ -42,22 +47,18 @@ choosing on validation cost beyond that: the training (and, for readout 4, the f
 setting not chosen, plus the scoring of every setting on validation; ``settings_tried`` counts the
 settings scored (readout 4: learning rates x SK settings); ``feature_s`` is the pass of the frozen
 backbone over fit, validation and test images that the SK readout needs (shared by readouts 2, 3, 5).
-Each row keeps the validation accuracy of every setting it tried: ``selection`` (the trained heads'
-settings) and ``sk_grid`` (SK's grid, drawn in the table's sensitivity figure).
+Each row keeps the validation accuracy of every setting it tried: ``selection`` (the backbone runs'
+learning rates), ``selection_scores`` (a probe's grid) and ``sk_grid`` (SK's grid, drawn in the table's
+sensitivity figure).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
-import math
-import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -66,14 +67,15 @@ from torch import nn
 import sk
 from experiments.backbones import create as create_backbone
 from experiments.core.cache import module_fingerprint, tensor_fingerprint
-from experiments.core.config import lengthscale_value, sk_options
+from experiments.core import probes
+from experiments.core.config import lengthscale_value, probe_options
 from experiments.core.data import load_dataset, train_val_split
-from experiments.core.probes import ProbeResult, accuracy, knn_probe, paired_ci, sk_probe
+from experiments.core.format import setting_text
+from experiments.core.probes import ProbeTask, Selection, accuracy, grid_settings, holdout, run_probe
 from experiments.core.train import count_params, crop_flip, extract_features, predict, train_classifier
 
 OBJECTIVES = ("val_acc",)  # readout 4's SK validation accuracy: what +hparams_search=sk_optuna maximises
 READOUT_ORDER = ["linear_joint", "mlp_frozen", "sk_frozen", "sk_e2e", "knn_frozen", "linear_joint_short"]
-BOOTSTRAP_REPS = 2_000  # replicates of each paired CI in ``comparisons`` (rliable's percentile bootstrap)
 
 
 # --------------------------------------------------------------------------------------------- SK head
@@ -131,39 +133,6 @@ def sk_loss(name: str, logit_scale: float):
     raise ValueError(f"sk.head.loss must be ce or mse, got {name!r}")
 
 
-# --------------------------------------------------------------------------------------------- SK readout
-def sk_validate(fit_x, fit_y, val_x, val_y, num_classes, **sk_kw) -> ProbeResult:
-    """SK's setting chosen on the validation features (``grid``) or fixed (``grid=None``), with the fit
-    features as support. ``sk_kw``: ``sk_probe``'s keyword arguments (``sk_options(cfg.sk)``).
-
-    The result's ``chosen``, ``val_acc``, ``select_s``, ``settings_tried`` and ``grid`` are the selection;
-    ``fit_s`` is every second spent on the validation features. (Its test fields read out the validation
-    features again: ``sk_test`` reads out the test set.)
-    """
-    features = torch.cat([fit_x, val_x])
-    labels = torch.cat([fit_y, val_y])
-    positions = torch.arange(len(labels), device=labels.device)
-    return sk_probe(features, labels, val_x, val_y, num_classes, fit_idx=positions[:len(fit_y)],
-                    val_idx=positions[len(fit_y):], refit=False, **sk_kw)
-
-
-def sk_test(fit_x, fit_y, test_x, test_y, num_classes, selected: ProbeResult, *, normalize: bool,
-            backend: str, **_) -> ProbeResult:
-    """Test predictions of SK at ``selected``'s setting with the fit features as support, carrying the
-    selection's fields (``chosen``, ``val_acc``, ``fit_s``, ``select_s``, ``settings_tried``, ``grid``)."""
-    res = sk_probe(fit_x, fit_y, test_x, test_y, num_classes, grid=None, normalize=normalize, backend=backend,
-                   **selected.chosen)
-    return dataclasses.replace(res, val_acc=selected.val_acc, fit_s=selected.fit_s, chosen=selected.chosen,
-                               select_s=selected.select_s, settings_tried=selected.settings_tried, grid=selected.grid)
-
-
-def sk_readout(fit_x, fit_y, val_x, val_y, test_x, test_y, num_classes, **sk_kw) -> ProbeResult:
-    """SK with the fit features as support: its setting chosen on the validation features (``grid``) or
-    fixed (``grid=None``), then test predictions from the fit support (``sk_validate``, then ``sk_test``)."""
-    selected = sk_validate(fit_x, fit_y, val_x, val_y, num_classes, **sk_kw)
-    return sk_test(fit_x, fit_y, test_x, test_y, num_classes, selected, **sk_kw)
-
-
 # --------------------------------------------------------------------------------------------- selection
 @dataclass
 class Candidate:
@@ -177,7 +146,7 @@ class Candidate:
 
 
 @dataclass
-class Selection:
+class RunChoice:
     setting: dict[str, Any]    # the chosen setting
     best: Candidate
     select_s: float            # seconds spent on everything but the chosen setting's fit
@@ -185,12 +154,7 @@ class Selection:
     scores: list[dict[str, Any]]  # every setting with its validation accuracy, in grid order
 
 
-def grid_settings(**axes) -> list[dict[str, Any]]:
-    """Every combination of the axes' values, the last axis fastest: ``grid_settings(lr=[1, 2], wd=[0])``."""
-    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
-
-
-def select(settings: list[dict[str, Any]], fit: Callable[[dict[str, Any]], Candidate]) -> Selection:
+def select(settings: list[dict[str, Any]], fit: Callable[[dict[str, Any]], Candidate]) -> RunChoice:
     """Train and score every setting (``fit(setting) -> Candidate``); keep the best validation accuracy
     (ties: the first in grid order). Only the best candidate so far is held in memory."""
     best, best_setting, scores, spent, tried = None, None, [], 0.0, 0
@@ -204,7 +168,7 @@ def select(settings: list[dict[str, Any]], fit: Callable[[dict[str, Any]], Candi
         del cand  # a setting beaten is freed before the next one trains
     if best is None:
         raise ValueError("nothing to choose from: the grid is empty")
-    return Selection(best_setting, best, spent - best.train_s, tried, scores)
+    return RunChoice(best_setting, best, spent - best.train_s, tried, scores)
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -223,10 +187,7 @@ class Settings:
     lr_grid: list[float]       # learning rates of the backbone runs (1, 4, control), chosen on validation
     train_kw: dict             # train_classifier's other optimisation keywords for the backbone runs
     feat_kw: dict              # extract_features' keywords
-    mlp: dict                  # readout 2: hidden, epochs, batch_size
-    mlp_grid: dict             # readout 2's choices: lr, weight_decay (lists)
-    knn: dict                  # readout 5: k, temperature
-    sk_kw: dict                # readouts 3 and 4's evaluation: sk_probe's keywords (sk_options(cfg.sk))
+    probes: dict               # the frozen readouts (2, 3, 5; readout 4's evaluation is "sk"): probe_options(cfg)
     head: dict                 # readout 4's SK head: cfg.sk.head
     progress: Callable         # ctx.progress
 
@@ -245,16 +206,15 @@ def read_settings(cfg, data, ctx) -> Settings:
     feat_kw = dict(batch_size=int(E.eval_batch_size), device=ctx.device, mean_std=data.mean_std, amp=amp,
                    progress=ctx.progress)
     epochs = int(E.epochs)
+    probes = probe_options(cfg)
+    if "sk" not in probes:
+        raise ValueError("cnn_readout reads readout 4 out with the SK probe: its overlay must name probe sk")
     return Settings(seed=ctx.seed, device=ctx.device, num_classes=data.num_classes,
                     in_channels=int(data.x_train.shape[1]), epochs=epochs,
                     sk_epochs=max(1, int(round(float(E.sk_epochs_frac) * epochs))), curves=bool(E.curves),
                     short_control=bool(E.short_linear_control), lr_grid=[float(v) for v in recipe.lr_grid],
                     train_kw=train_kw, feat_kw=feat_kw,
-                    mlp=dict(hidden=int(E.mlp.hidden), epochs=int(E.mlp.epochs), batch_size=int(E.mlp.batch_size)),
-                    mlp_grid=dict(lr=[float(v) for v in E.mlp.lr_grid],
-                                  weight_decay=[float(v) for v in E.mlp.weight_decay_grid]),
-                    knn=dict(k=int(E.knn.k), temperature=float(E.knn.temperature)),
-                    sk_kw=sk_options(cfg.sk), head=OmegaConf.to_container(cfg.sk.head, resolve=True),
+                    probes=probes, head=OmegaConf.to_container(cfg.sk.head, resolve=True),
                     progress=ctx.progress)
 
 
@@ -274,6 +234,16 @@ class Split:
 
     def info(self) -> dict[str, str]:
         return {"train_fit": str(len(self.y_fit)), "val": str(len(self.y_val)), "test": str(len(self.y_test))}
+
+    def selection(self) -> Selection:
+        """The validation split as the probes see it: positions into the fit features followed by the
+        validation features (rule ``holdout``). Every readout chooses on it."""
+        positions = torch.arange(len(self.y_fit) + len(self.y_val))
+        return holdout(positions[:len(self.y_fit)], positions[len(self.y_fit):])
+
+    def selection_label(self) -> str:
+        sel = self.selection()
+        return f"{sel.describe()} {sel.fingerprint()}"
 
 
 def draw_split(data, *, train_size: int | None, val_size: int, test_size: int | None, seed: int) -> Split:
@@ -364,7 +334,7 @@ def linear_joint_readout(new_backbone: Callable[[], nn.Module], split: Split, s:
         val_acc = accuracy(predict(backbone, linear, split.x_val, **s.feat_kw), split.y_val)
         return Candidate(val_acc, _train_s(trained.hist), time.perf_counter() - t0, trained)
 
-    sel = select(grid_settings(lr=s.lr_grid), fit)
+    sel = select(grid_settings({"lr": s.lr_grid}), fit)
     chosen = sel.best.model
 
     def test_acc(backbone, head):
@@ -373,7 +343,8 @@ def linear_joint_readout(new_backbone: Callable[[], nn.Module], split: Split, s:
     curve = per_epoch(chosen, test_acc) if curves else None
     acc = curve["y"][-1] if curves else test_acc(chosen.backbone, chosen.head)  # the last copy is the final weights
     row = _row(name, acc, count_params(chosen.head), epochs, _train_s(chosen.hist),
-               {"chosen": _fmt_chosen(sel.setting), "backbone": f"trained jointly, {epochs} epochs", **split.info()},
+               {"chosen": setting_text(sel.setting), "selection": split.selection_label(),
+                "backbone": f"trained jointly, {epochs} epochs", **split.info()},
                val_acc=sel.best.val_acc, select_s=sel.select_s, settings_tried=sel.settings_tried)
     row["selection"] = sel.scores
     return row, curve, chosen
@@ -407,64 +378,36 @@ def frozen_features(backbone, split: Split, s: Settings, *, cache, key: dict) ->
     return Features(fit.to(s.device), val.to(s.device), test.to(s.device), weights, time.perf_counter() - t0)
 
 
-def train_mlp_head(f_fit, y_fit, num_classes: int, *, hidden: int, epochs: int, batch_size: int, lr: float,
-                   weight_decay: float, seed: int, generator, device, progress):
-    """Readout 2's head, an MLP (one hidden ReLU layer) trained with Adam on frozen features (``f_fit``,
-    used as they are); (mlp in eval mode, history). Every setting starts from the same initial weights."""
-    torch.manual_seed(seed + 3)
-    mlp = nn.Sequential(nn.Linear(f_fit.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-    hist = train_classifier(nn.Identity(), mlp, f_fit, y_fit, epochs=epochs, batch_size=batch_size, lr=lr,
-                            device=device, optimizer="adam", weight_decay=weight_decay, generator=generator,
-                            progress=progress, desc=f"2 mlp (frozen), lr={lr:g}, wd={weight_decay:g}")
-    mlp.eval()
-    return mlp, hist
+def frozen_task(fit_x, fit_y, val_x, val_y, test_x, test_y, split: Split, s: Settings) -> ProbeTask:
+    """The probes' task on one backbone's frozen features: chosen on the validation features (the split's
+    ``holdout``), read out from the fit features (no refit: the validation images are never trained on)."""
+    return ProbeTask(torch.cat([fit_x, val_x]), torch.cat([fit_y, val_y]), test_x, test_y, s.num_classes,
+                     split.selection(), refit=False, seed=s.seed, device=s.device, extras={"progress": s.progress})
 
 
-def frozen_readouts(feats: Features, split: Split, s: Settings, *, mlp_generator: Callable[[], torch.Generator],
-                    backbone_info: str) -> list[dict]:
-    """Readouts 2 (MLP retrained, its lr and weight decay chosen on validation), 3 (SK, no training) and
-    5 (DINO's weighted k-NN) on the same frozen features; their rows."""
-    d, C = s.device, s.num_classes
-    y_fit, y_val, y_test = split.y_fit.to(d), split.y_val.to(d), split.y_test.to(d)
+def frozen_readouts(feats: Features, split: Split, s: Settings, *, backbone_info: str) -> list[dict]:
+    """Readouts 2 (MLP retrained), 3 (SK, no training) and 5 (DINO's weighted k-NN) — the overlay's probes —
+    on the same frozen features and the same validation split; their rows (``<probe>_frozen``)."""
+    d = s.device
+    task = frozen_task(feats.fit, split.y_fit.to(d), feats.val, split.y_val.to(d), feats.test, split.y_test.to(d), split,
+                       s)
     info = {"backbone": backbone_info, **split.info()}
-
-    def fit_mlp(setting) -> Candidate:
-        mlp, hist = train_mlp_head(feats.fit, y_fit, C, **s.mlp, **setting, seed=s.seed, generator=mlp_generator(),
-                                   device=d, progress=s.progress)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            val_acc = accuracy(mlp(feats.val).argmax(1), y_val)
-        return Candidate(val_acc, _train_s(hist), time.perf_counter() - t0, (mlp, hist))
-
-    sel2 = select(grid_settings(**s.mlp_grid), fit_mlp)
-    mlp, hist = sel2.best.model
-    with torch.no_grad():
-        acc2 = accuracy(mlp(feats.test).argmax(1), y_test)
-    res3 = sk_readout(feats.fit, y_fit, feats.val, y_val, feats.test, y_test, C, **s.sk_kw)
-    res5 = knn_probe(feats.fit, y_fit, feats.test, y_test, C, **s.knn)
-    row2 = _row("mlp_frozen", acc2, count_params(mlp), s.mlp["epochs"], _train_s(hist),
-                {"chosen": _fmt_chosen(sel2.setting), **info}, val_acc=sel2.best.val_acc, select_s=sel2.select_s,
-                settings_tried=sel2.settings_tried, feature_s=feats.seconds)
-    row2["selection"] = sel2.scores
-    return [
-        row2,
-        _sk_row("sk_frozen", res3, 0, 0, 0.0, info, feature_s=feats.seconds),
-        _row("knn_frozen", res5.test_acc, 0, 0, 0.0, {"chosen": _fmt_chosen(res5.chosen), **info},
-             select_s=0.0, settings_tried=1, predict_s=res5.predict_s, feature_s=feats.seconds),
-    ]
+    return [_probe_row(f"{name}_frozen", name, run_probe(name, task, opts), info, feature_s=feats.seconds)
+            for name, opts in s.probes.items()]
 
 
 def sk_e2e_readout(new_backbone: Callable[[], nn.Module], split: Split, s: Settings, *,
                    generator: Callable[[], torch.Generator]):
     """Readout 4: a fresh backbone trained through an SK head (``s.head``: cnn_readout's ``sk.head``
-    fields) for ``s.sk_epochs`` at each learning rate of ``s.lr_grid``, each read out by SK on its own
-    frozen features (``s.sk_kw``, as readout 3: ``sk_validate``); the learning rate whose SK readout has
-    the best validation accuracy is kept and read out on the test set.
+    fields) for ``s.sk_epochs`` at each learning rate of ``s.lr_grid``, each read out by the SK probe on its
+    own frozen features (chosen on validation, as readout 3); the learning rate whose SK readout has the best
+    validation accuracy is kept and read out on the test set at the setting it chose.
 
     With ``s.curves`` the chosen run's test accuracy after each epoch is measured with SK's fixed setting
     (tuning every epoch would cost more than the epoch). Returns (row, curve or None, validation accuracy).
     """
     h, d, C = s.head, s.device, s.num_classes
+    sk_opts = s.probes["sk"]
 
     def feats(backbone, x, desc):
         return extract_features(backbone, x, desc=desc, **s.feat_kw).to(d)
@@ -472,7 +415,7 @@ def sk_e2e_readout(new_backbone: Callable[[], nn.Module], split: Split, s: Setti
     def fit(setting) -> Candidate:
         backbone = new_backbone()
         head = SKHead(C, int(h["k"]), str(h["kernel"]), lengthscale_value(h["lengthscale"]), float(h["ridge"]),
-                      support=str(h["support"]), bank_size=int(h["bank_size"]), normalize=s.sk_kw["normalize"],
+                      support=str(h["support"]), bank_size=int(h["bank_size"]), normalize=sk_opts["normalize"],
                       learn_lengthscale=bool(h["learn_lengthscale"]))
         trained = train_backbone(backbone, head, split, s, lr=setting["lr"], epochs=s.sk_epochs,
                                  generator=generator(), keep_weights=s.curves, desc="4 backbone through SK",
@@ -481,28 +424,34 @@ def sk_e2e_readout(new_backbone: Callable[[], nn.Module], split: Split, s: Setti
         t0 = time.perf_counter()
         f_fit, f_val = feats(backbone, split.x_fit, "sk support"), feats(backbone, split.x_val, "sk val")
         feature_s = time.perf_counter() - t0
-        res = sk_validate(f_fit, split.y_fit.to(d), f_val, split.y_val.to(d), C, **s.sk_kw)
+        y_val = split.y_val.to(d)  # validation features stand in for the test set: only the choice is read
+        res = run_probe("sk", frozen_task(f_fit, split.y_fit.to(d), f_val, y_val, f_val, y_val, split, s), sk_opts)
         return Candidate(res.val_acc, _train_s(trained.hist) + feature_s, res.fit_s, (trained, f_fit, res, feature_s),
                          settings_tried=res.settings_tried)
 
-    sel = select(grid_settings(lr=s.lr_grid), fit)
+    def read_out(backbone, f_fit, opts):
+        f_test = feats(backbone, split.x_test, "sk test")
+        task = ProbeTask(f_fit, split.y_fit.to(d), f_test, split.y_test.to(d), C, Selection("none"), seed=s.seed,
+                         device=d)
+        return run_probe("sk", task, opts)
+
+    sel = select(grid_settings({"lr": s.lr_grid}), fit)
     chosen, f_fit, selected, feature_s = sel.best.model
     t0 = time.perf_counter()
-    f_test = feats(chosen.backbone, split.x_test, "sk test")
-    feature_s += time.perf_counter() - t0
-    res = sk_test(f_fit, split.y_fit.to(d), f_test, split.y_test.to(d), C, selected, **s.sk_kw)
-    res = dataclasses.replace(res, select_s=sel.select_s, settings_tried=sel.settings_tried)
+    res = read_out(chosen.backbone, f_fit, {**sk_opts, "grid": None, "default": selected.chosen})
+    feature_s += time.perf_counter() - t0 - res.predict_s
+    res = dataclasses.replace(res, val_acc=selected.val_acc, fit_s=selected.fit_s, select_s=sel.select_s,
+                              settings_tried=sel.settings_tried, grid=selected.grid, selection=selected.selection,
+                              edges=selected.edges)
 
     def fixed_test_acc(backbone, head):
-        return sk_probe(feats(backbone, split.x_fit, "sk support"), split.y_fit.to(d),
-                        feats(backbone, split.x_test, "sk test"), split.y_test.to(d), C,
-                        **{**s.sk_kw, "grid": None}).test_acc
+        return read_out(backbone, feats(backbone, split.x_fit, "sk support"), {**sk_opts, "grid": None}).test_acc
 
     curve = per_epoch(chosen, fixed_test_acc) if s.curves else None
-    info = {"head": _fmt_chosen(chosen.head.setting), "support": str(h["support"]), "loss": str(h["loss"]),
+    info = {"head": setting_text(chosen.head.setting), "support": str(h["support"]), "loss": str(h["loss"]),
             "backbone": f"trained through SK, {s.sk_epochs} epochs", **split.info()}
-    row = _sk_row("sk_e2e", res, count_params(chosen.head), s.sk_epochs, _train_s(chosen.hist), info,
-                  lr=sel.setting["lr"], feature_s=feature_s)
+    row = _probe_row("sk_e2e", "sk", res, info, lr=sel.setting["lr"], head_params=count_params(chosen.head),
+                     train_epochs=s.sk_epochs, train_s=_train_s(chosen.hist), feature_s=feature_s)
     row["selection"] = sel.scores
     return row, curve, res.val_acc
 
@@ -513,19 +462,18 @@ def _row(readout, test_acc, head_params, train_epochs, train_s, info=None, **mor
     return {"keys": {"readout": readout}, "metrics": metrics, "info": info or {}}
 
 
-def _sk_row(readout, res: ProbeResult, head_params, train_epochs, train_s, info, lr=None, **more):
-    """The row of an SK readout: its selection on validation, with SK's score at every grid setting."""
+def _probe_row(readout: str, probe: str, res, info: dict, lr: float | None = None, **more) -> dict:
+    """The row of a readout made by a probe: its selection on validation, its grid's scores
+    (``sk_grid`` for SK, ``selection_scores`` for the others), its cost; ``more`` overrides the probe's own
+    head size, epochs and training seconds (0 for a probe that trains nothing)."""
     chosen = ({"lr": lr} if lr is not None else {}) | res.chosen
-    row = _row(readout, res.test_acc, head_params, train_epochs, train_s, {"chosen": _fmt_chosen(chosen), **info},
-               val_acc=res.val_acc, select_s=res.select_s, settings_tried=res.settings_tried,
-               predict_s=res.predict_s, **more)
+    size = {k: res.more.get(k, 0.0) for k in ("head_params", "train_epochs", "train_s")} | more
+    row = _row(readout, res.test_acc, size.pop("head_params"), size.pop("train_epochs"), size.pop("train_s"),
+               {**res.info(), "chosen": setting_text(chosen), **info}, val_acc=res.val_acc, select_s=res.select_s,
+               settings_tried=res.settings_tried, predict_s=res.predict_s, **size)
     if res.grid is not None:
-        row["sk_grid"] = res.grid
+        row[probes.get(probe).grid_field] = res.grid
     return row
-
-
-def _fmt_chosen(chosen: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items())
 
 
 def _train_s(hist) -> float:
@@ -559,8 +507,7 @@ def run(cfg, ctx) -> dict:
     key = {"kind": "cnn_readout_features", "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
            "data": data.name, "mean_std": data.mean_std, "in_channels": s.in_channels}
     feats = frozen_features(run1.backbone, split, s, cache=ctx.cache, key=key)
-    rows += frozen_readouts(feats, split, s, mlp_generator=lambda: ctx.generator(4),
-                            backbone_info=f"frozen, from linear_joint ({row['info']['chosen']})")
+    rows += frozen_readouts(feats, split, s, backbone_info=f"frozen, from linear_joint ({row['info']['chosen']})")
     if module_fingerprint(run1.backbone) != feats.weights:
         raise RuntimeError("readout 1's backbone changed while the frozen readouts used it")
 
@@ -580,123 +527,3 @@ def run(cfg, ctx) -> dict:
     summary["val_acc"] = val_acc
     ctx.log(summary)
     return {"rows": rows, "curves": {k: v for k, v in curves.items() if v is not None}, "summary": summary}
-
-
-# --------------------------------------------------------------------------------------------- comparisons
-LABELS = {"linear_joint": "linear head trained jointly", "mlp_frozen": "MLP head on frozen features",
-          "sk_frozen": "SK on frozen features", "sk_e2e": "backbone trained through SK",
-          "knn_frozen": "k-NN on frozen features", "linear_joint_short": "linear head trained jointly, short"}
-DIFFERENCES = [("sk_frozen", "linear_joint"), ("sk_frozen", "mlp_frozen"), ("sk_frozen", "knn_frozen"),
-               ("sk_e2e", "linear_joint"), ("sk_e2e", "linear_joint_short")]
-
-
-def _by_seed(records: list[dict], metric: str) -> dict[str, dict[Any, float]]:
-    """{readout: {seed: metric}} over the records (one per seed)."""
-    out: dict[str, dict[Any, float]] = {}
-    for rec in records:
-        for row in rec["rows"]:
-            if metric in row["metrics"]:
-                out.setdefault(row["keys"]["readout"], {})[rec.get("seed")] = float(row["metrics"][metric])
-    return out
-
-
-def _pct(values: list[float]) -> str:
-    """``mean ± std`` in percent, two decimals: the table's format (sample std, 0 for one seed)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * std:.2f}"
-
-
-def _points(v: float) -> str:
-    """A difference of accuracies in points, two decimals, signed, with a true minus sign."""
-    return f"{100 * v:+.2f}".replace("-", "−")
-
-
-def comparisons(records: list[dict]) -> list[str]:
-    """What the README quotes from one section of the table (``scripts/make_tables.py`` calls it).
-
-    - each readout's test accuracy, mean ± std over seeds (as in the table);
-    - paired differences (``DIFFERENCES``) in points: the mean over the seeds where both ran (same split
-      and initial weights: paired) with a 95% percentile bootstrap CI of the per-seed differences;
-    - the settings each readout chose on validation, and what choosing cost (``select_s``,
-      ``settings_tried``), with SK's selection time on frozen features against the MLP head's.
-    """
-    if not records:
-        return []
-    acc = _by_seed(records, "test_acc")
-    readouts = [r for r in READOUT_ORDER if r in acc] + [r for r in acc if r not in READOUT_ORDER]
-    n = len({rec.get("seed") for rec in records})
-    seeds = f"{n} seed{'s' if n != 1 else ''}"
-    lines = [f"- Test accuracy (%, mean ± std over {seeds}): "
-             + "; ".join(f"{r} {_pct(list(acc[r].values()))}" for r in readouts)]
-    diffs = []
-    for a, b in DIFFERENCES:
-        if a not in acc or b not in acc:
-            continue
-        common = sorted(set(acc[a]) & set(acc[b]), key=str)
-        mean, lo, hi = paired_ci([acc[a][k] - acc[b][k] for k in common], reps=BOOTSTRAP_REPS)
-        ci = f" [{_points(lo)}, {_points(hi)}]" if math.isfinite(lo) else " (one seed: no CI)"
-        diffs.append(f"  - {a} − {b}: {_points(mean)}{ci}")
-    if diffs:
-        lines.append(f"- Paired differences in test accuracy, in points: mean over the {seeds} (the same split and "
-                     f"initial weights for every readout) with a 95% percentile bootstrap CI of the per-seed "
-                     f"differences (rliable, {BOOTSTRAP_REPS:,} replicates):")
-        lines += diffs
-    chosen: dict[str, Counter] = {}
-    for rec in records:
-        for row in rec["rows"]:
-            if row.get("selection"):  # the first best, as ``select`` chose it
-                best = max(row["selection"], key=lambda e: e["val_acc"])
-                setting = _fmt_chosen({k: v for k, v in best.items() if k != "val_acc"})
-                chosen.setdefault(row["keys"]["readout"], Counter())[setting] += 1
-    if chosen:
-        lines.append("- Chosen on validation (seeds choosing it): " + "; ".join(
-            f"{r} " + ", ".join(f"`{c}` ({k})" for c, k in chosen[r].most_common()) for r in readouts if r in chosen))
-    cost, tried = _by_seed(records, "select_s"), _by_seed(records, "settings_tried")
-    parts = [f"{r} {statistics.fmean(cost[r].values()):.3g} s for {statistics.fmean(tried[r].values()):.0f} settings"
-             for r in readouts if r in cost and r in tried and max(tried[r].values()) > 1]
-    if parts:
-        line = "- Selection cost (seconds choosing hyperparameters on validation, mean over seeds): " + "; ".join(parts)
-        if "sk_frozen" in cost and "mlp_frozen" in cost and statistics.fmean(cost["mlp_frozen"].values()) > 0:
-            ratio = statistics.fmean(cost["sk_frozen"].values()) / statistics.fmean(cost["mlp_frozen"].values())
-            line += f"; SK on frozen features took {ratio:.2f}× the MLP head's selection time"
-        lines.append(line)
-    return lines
-
-
-# --------------------------------------------------------------------------------------------- figure
-def make_figure(records: list[dict], path) -> None:
-    """Test accuracy against training epochs for readouts 1 and 4: mean over seeds with a ±1 std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = {"linear_joint": "linear head, trained jointly (readout 1)",
-              "sk_e2e": "backbone trained through SK (readout 4)"}
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    drawn = False
-    for name, label in labels.items():
-        by_x: dict[float, list[float]] = {}
-        for rec in records:
-            c = rec.get("curves", {}).get(name)
-            if not c:
-                continue
-            for x, y in zip(c["x"], c["y"]):
-                by_x.setdefault(float(x), []).append(float(y))
-        if not by_x:
-            continue
-        xs = sorted(by_x)
-        mean = np.array([np.mean(by_x[x]) for x in xs])
-        std = np.array([np.std(by_x[x]) for x in xs])
-        n = min(len(by_x[x]) for x in xs)
-        line, = ax.plot(xs, mean, marker="o", label=f"{label} (n={n})")
-        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        drawn = True
-    ax.set_xlabel("training epochs")
-    ax.set_ylabel("test accuracy")
-    if drawn:
-        ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)

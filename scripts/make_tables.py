@@ -18,7 +18,7 @@ averaged together; older ones are counted in the header. Each row's metrics beco
 seeds with their number ``n``; accuracy columns come first, then the selection cost (``select_s``,
 ``settings_tried``), then the rest.
 
-Per section the experiment module may add (see docs/INTERFACES.md, "Tables"):
+Per section the experiment's report module (experiments/reports/<name>.py) may add (see docs/INTERFACES.md, "Reports"):
 ``comparisons(records) -> list[str]`` (Markdown lines under "Comparisons"), ``summarize(records)``
 (a table of confidence intervals), and every row that carries ``sk_grid`` is drawn in a sensitivity figure
 ``<experiment>_sensitivity*.png``. ``make_figure(records, path)`` draws ``<experiment>.png`` from all
@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib
 import io
 import math
 import re
 import statistics
 import sys
-import textwrap
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.core.atomic import atomic_write  # noqa: E402
-from experiments.core.records import config_id, describe_machine, load_records, uncommitted_reason  # noqa: E402
+from experiments.core.records import (LOAD_MARGIN, config_id, describe_machine, load_contaminated,  # noqa: E402
+                                     load_records, uncommitted_reason)
+from experiments.core.tables import with_derived_keys  # noqa: E402
+from experiments.reports import load as load_report  # noqa: E402
+from experiments.reports.sensitivity import draw_sensitivity, sensitivity_caption, sensitivity_data  # noqa: E402
 
 PREVIEW_BANNER = "PREVIEW — not from committed code"
 PREVIEW_OUT = ROOT / "outputs" / "tables-preview"
@@ -57,7 +59,6 @@ COST_METRICS = ("select_s", "settings_tried")
 # What tells two settings of one profile apart (config paths); a section per distinct combination.
 SETTING_FIELDS = {"data": ("data", "name"), "backbone": ("backbone", "name"), "model": ("backbone", "model"),
                   "img_size": ("backbone", "img_size")}
-SENSITIVITY_MAX_ROWS = 12  # feature sets drawn in one sensitivity figure (evenly spaced beyond that)
 
 
 class UncommittedRecordsError(RuntimeError):
@@ -95,9 +96,11 @@ def _setting_of(rec: dict) -> dict[str, str]:
     return out
 
 
-def sections(records: list[dict]) -> list[Section]:
-    """Group records by profile, then by setting (only where a profile holds several), and keep in each
-    group the newest configuration of every table row (``select_latest``)."""
+def sections(records: list[dict], used_config: Callable[[dict], dict] | None = None) -> list[Section]:
+    """Group records by profile, then by setting (only where a profile holds several); in each group add
+    to every row the keys derived from the configuration (``experiments.core.tables``: every knob that
+    differs between records with the same row keys), and keep the newest configuration of every table row
+    (``select_latest``)."""
     by_profile: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_profile[r.get("profile", "default")].append(r)
@@ -111,7 +114,7 @@ def sections(records: list[dict]) -> list[Section]:
         for r, s in zip(recs, settings):
             groups[tuple((f, s[f]) for f in varying)].append(r)
         for key in sorted(groups):
-            chosen, ignored = select_latest(groups[key])
+            chosen, ignored = select_latest(with_derived_keys(groups[key], used_config))
             out.append(Section(profile, {f: v for f, v in key if v}, chosen, ignored))
     return out
 
@@ -268,9 +271,28 @@ def provenance(recs: list[dict], ignored: int) -> list[str]:
     lines += [f"- Command (one run per seed): `{c}`" for c in commands]
     lines += [f"- Machine: {m}" for m in machines]
     lines.append(f"- Code: git {', '.join(commits)}")
+    lines += load_lines(recs)
     if ignored:
         lines.append(f"- {ignored} older record(s) left out: superseded by a newer configuration of the same rows, or by a rerun of the same seed")
     return lines
+
+
+def load_lines(recs: list[dict]) -> list[str]:
+    """The machine's load while the runs timed themselves (records from before the load was recorded: none)."""
+    loads = [r["load"] for r in recs if r.get("load")]
+    if not loads:
+        return []
+    readings = [x for ld in loads for x in (ld.get("start"), ld.get("end")) if x]
+    dirty = [ld for ld in loads if load_contaminated([ld.get("start"), ld.get("end")], int(ld["own_threads"]))]
+    unknown = [ld for ld in loads if load_contaminated([ld.get("start"), ld.get("end")], 1) is None]
+    peak = max((x[0] for x in readings), default=float("nan"))
+    verdict = ("clean: no run started or ended with a 1-minute load average above its sweep's own threads + "
+               f"{LOAD_MARGIN:g}" if not dirty else
+               f"**contaminated**: {len(dirty)} of {len(loads)} runs started or ended with a 1-minute load average "
+               f"above their sweep's own threads + {LOAD_MARGIN:g} (other work on the machine): their seconds are not "
+               "comparable")
+    return [f"- Load (1-minute average) at the runs' start and end: at most {peak:.2f}; timings {verdict}"
+            + (f"; {len(unknown)} run(s) without a reading" if unknown else "")]
 
 
 def _short_commit(commit: str) -> str:
@@ -282,140 +304,6 @@ def _strip_seed(command: str) -> str:
     return " ".join(p for p in command.split() if not p.startswith("seed="))
 
 
-# ------------------------------------------------------------------------------------------ sensitivity
-def sensitivity_data(records: list[dict]) -> dict[tuple, dict[tuple, list[float]]]:
-    """{row keys: {(kernel, k, line value, ridge): [val_acc of each record]}} of the rows with ``sk_grid``.
-
-    The line value is the entry's ``lengthscale_mult`` (or its ``lengthscale`` when the grid gives no
-    multiple, or None).
-    """
-    out: dict[tuple, dict[tuple, list[float]]] = {}
-    for rec in records:
-        for row in rec.get("rows", []):
-            grid = row.get("sk_grid")
-            if not grid:
-                continue
-            cells = out.setdefault(tuple(row["keys"].items()), defaultdict(list))
-            for e in grid:
-                line = e.get("lengthscale_mult", e.get("lengthscale"))
-                cells[(str(e["kernel"]), int(e["k"]), None if line is None else float(line),
-                       float(e.get("ridge", float("nan"))))].append(float(e["val_acc"]))
-    return out
-
-
-def sensitivity_curves(data: dict[tuple, dict[tuple, list[float]]]) -> dict[tuple, dict[str, dict[Any, list[tuple[int, float]]]]]:
-    """{row keys: {kernel: {line value: [(k, accuracy), ...] by k}}}: each point the mean over records
-    (seeds) of a setting's validation accuracy, then the best over ridge."""
-    out: dict = {}
-    for rk, cells in data.items():
-        best: dict[tuple, float] = {}
-        for (kern, k, line, _ridge), vals in cells.items():
-            m = statistics.fmean(vals)
-            best[(kern, line, k)] = max(best.get((kern, line, k), -math.inf), m)
-        per: dict = defaultdict(lambda: defaultdict(list))
-        for (kern, line, k), acc in sorted(best.items(), key=lambda kv: kv[0][2]):
-            per[kern][line].append((k, acc))
-        out[rk] = {kern: dict(lines) for kern, lines in per.items()}
-    return out
-
-
-def _sensitivity_layout(records: list[dict]):
-    """(data, feature sets drawn, all feature sets, kernels, line values, ridges, ks, seeds)."""
-    data = sensitivity_data(records)
-    rows = list(data)
-    shown = rows
-    if len(rows) > SENSITIVITY_MAX_ROWS:
-        step = (len(rows) - 1) / (SENSITIVITY_MAX_ROWS - 1)
-        shown = [rows[round(i * step)] for i in range(SENSITIVITY_MAX_ROWS)]
-    cells = [c for r in shown for c in data[r]]
-    kernels = sorted({c[0] for c in cells})
-    lines = sorted({c[2] for c in cells}, key=lambda v: (v is None, v or 0.0))
-    ridges = sorted({c[3] for c in cells})
-    ks = sorted({c[1] for c in cells})
-    seeds = len({r.get("seed") for r in records})
-    return data, shown, rows, kernels, lines, ridges, ks, seeds
-
-
-def sensitivity_caption(records: list[dict]) -> str:
-    """The Markdown sentence under the sensitivity figure of ``records``."""
-    _, shown, rows, _, _, ridges, _, n = _sensitivity_layout(records)
-    ridge_txt = ", ".join(f"{r:g}" for r in ridges)
-    caption = (f"SK's validation accuracy over its whole selection grid: one panel per kernel, k on the x axis, "
-               f"one line per lengthscale multiple, each point the mean over {n} seed{'s' if n != 1 else ''} "
-               f"of the best ridge in {{{ridge_txt}}}; ★ marks the best setting.")
-    if len(shown) < len(rows):
-        caption += f" {len(shown)} of the {len(rows)} feature sets drawn (evenly spaced)."
-    return caption
-
-
-def draw_sensitivity(records: list[dict], path: Path) -> None:
-    """Draw SK's validation accuracy over its selection grid.
-
-    One row of panels per feature set (a table row carrying ``sk_grid``), one panel per kernel; x: k
-    (log scale), one line per lengthscale multiple; y: validation accuracy, mean over the records (seeds)
-    of each setting, then the best over ridge. A star marks the best setting of each feature set.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data, shown, _, kernels, lines, ridges, ks, n = _sensitivity_layout(records)
-    curves = sensitivity_curves(data)
-    varying = [k for k, _ in shown[0] if len({dict(rk).get(k) for rk in shown}) > 1] or [k for k, _ in shown[0]]
-    cmap = plt.get_cmap("viridis")
-    colours = {v: cmap(i / max(1, len(lines) - 1) * 0.9) for i, v in enumerate(lines)}
-    fig, axes = plt.subplots(len(shown), len(kernels), figsize=(3.2 * len(kernels) + 1.4, 2.3 * len(shown) + 0.8),
-                             squeeze=False, sharex=True, sharey="row")
-    for i, rk in enumerate(shown):
-        best_kernel, best_k, best_acc = max(((kern, k, acc) for kern, per_line in curves[rk].items()
-                                             for pts in per_line.values() for k, acc in pts), key=lambda t: t[2])
-        for j, kern in enumerate(kernels):
-            ax = axes[i, j]
-            for line in lines:
-                pts = curves[rk].get(kern, {}).get(line)
-                if pts:
-                    ax.plot([k for k, _ in pts], [100 * a for _, a in pts], marker="o", ms=3, color=colours[line],
-                            label="–" if line is None else f"{line:g}")
-            if best_kernel == kern:
-                ax.plot([best_k], [100 * best_acc], marker="*", ms=12, color="black", ls="none")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ks, [str(k) for k in ks])
-            ax.minorticks_off()
-            ax.grid(alpha=0.3)
-            if i == 0:
-                ax.set_title(f"kernel {kern}", fontsize=9)
-            if i == len(shown) - 1:
-                ax.set_xlabel("k (neighbours)")
-            if j == 0:
-                ax.set_ylabel("val acc (%)", fontsize=8)
-    legend: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, h)
-    handles = [legend[label] for label in sorted(legend, key=lambda s: (s == "–", float(s) if s != "–" else 0.0))]
-    multiples = any("lengthscale_mult" in e for rec in records for row in rec.get("rows", []) for e in row.get("sk_grid") or [])
-    if handles:
-        fig.legend(handles, [h.get_label() for h in handles], title="lengthscale\n× auto" if multiples else "lengthscale",
-                   loc="center right", fontsize=8, title_fontsize=8)
-    ridge_txt = ", ".join(f"{r:g}" for r in ridges)
-    title = (f"SK validation accuracy over its selection grid (mean over {n} seed{'s' if n != 1 else ''}, "
-             f"best over ridge in {{{ridge_txt}}}; star: best setting)")
-    fig.suptitle(textwrap.fill(title, width=int(14 * fig.get_figwidth())), fontsize=9)  # a narrow figure wraps it
-    fig.tight_layout(rect=(0, 0, 0.86 if handles else 1, 0.97))
-    if len(shown) > 1:
-        # Each feature set names its row in a line above it (a rotated y label that long overlaps the
-        # next row): room between the rows, then the text at the row's top-left corner.
-        fig.subplots_adjust(hspace=0.55)
-        for i, rk in enumerate(shown):
-            box = axes[i, 0].get_position()
-            label = ", ".join(f"{k}={v}" if k != "setting" else str(v) for k, v in rk if k in varying)
-            fig.text(box.x0, box.y1 + (0.004 if i else 0.05), label, ha="left", va="bottom", fontsize=8,
-                     fontweight="bold")
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------- build
 def build(name: str, runs_dir: Path, out_dir: Path, allow_uncommitted: bool = False) -> list[Path] | None:
     records = load_records(runs_dir, name)
@@ -425,33 +313,16 @@ def build(name: str, runs_dir: Path, out_dir: Path, allow_uncommitted: bool = Fa
     if not records:
         print(f"{name}: no records under {runs_dir / name}, nothing to build")
         return None
-    parts = sections(records)
+    module = load_report(name)
+    parts = sections(records, getattr(module, "used_config", None))
     used = [r for s in parts for r in s.records]
-    bad = uncommitted(used)
-    if bad and not allow_uncommitted:
-        listing = "\n".join(f"  {p}: {why}" for p, why in bad)
-        raise UncommittedRecordsError(
-            f"{name}: {len(bad)} of the {len(used)} run records behind this table were not written by committed "
-            f"code, so nobody could rerun what they measured:\n{listing}\n"
-            f"Commit the code, rerun them (make table-{name.replace('_', '-')}), then rebuild; or preview with\n"
-            f"  python scripts/make_tables.py {name} --allow-uncommitted   (a marked table; never commit it)")
-    module = _experiment_module(name)
+    bad = committed_or_preview(name, used, allow_uncommitted)
     has = lambda attr: module is not None and hasattr(module, attr)  # noqa: E731
-    md = [f"# {name}", ""]
-    if bad:
-        md += [f"> **{PREVIEW_BANNER}.** Built with `--allow-uncommitted`; never commit this table. "
-               f"{len(bad)} record(s) come from code that cannot be checked out:"]
-        md += [f"> - `{p}`: {why}" for p, why in bad] + [""]
-    md += [f"Rebuilt from run records by `python scripts/make_tables.py {name}` "
-           f"(the runs: `make table-{name.replace('_', '-')}`). Metrics are mean ± std over seeds; n is the number "
-           f"of seeds; `select_s` and `settings_tried` are the seconds and the number of settings each method "
-           f"spent choosing its hyperparameters on validation.", ""]
-    if has("make_figure"):
-        md += [f"![{name}]({name}.png)", ""]
+    md = _header(name, bad, has("make_figure"))
     extra_figs = list(module.extra_figures(used)) if has("extra_figures") else []
     for file_name, _ in extra_figs:
         if "/" in file_name or not file_name.startswith(f"{name}_") or not file_name.endswith(".png"):
-            raise ValueError(f"experiments.{name}.extra_figures: {file_name!r} must be a file name "
+            raise ValueError(f"experiments.reports.{name}.extra_figures: {file_name!r} must be a file name "
                              f"'{name}_*.png' (it is written beside the table)")
         md += [f"![{file_name[:-4]}]({file_name})", ""]
     tex_parts = [f"% {PREVIEW_BANNER}: built with --allow-uncommitted; never commit this file"] if bad else []
@@ -471,23 +342,13 @@ def build(name: str, runs_dir: Path, out_dir: Path, allow_uncommitted: bool = Fa
         md += [f"## {sec.title}", ""] + provenance(recs, sec.ignored) + ["", markdown_table(header, body), ""]
         caption = f"{name} ({sec.title.replace('`', '')}): mean ± std over seeds"
         tex_parts.append(latex_table(header, body, ("PREVIEW, not from committed code: " if bad else "") + caption))
-        if not csv_header_written:
-            writer.writerow(["profile", "setting"] + key_cols + [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
-                            + ["n_seeds"] + infos)
-            csv_header_written = True
-        setting = ", ".join(f"{k}={v}" for k, v in sec.setting.items())
-        for r in rows:
-            vals = []
-            for m in metrics:
-                st = r["stats"].get(m)
-                vals += [f"{st[0]:.6g}", f"{st[1]:.6g}", st[2]] if st else ["", "", 0]
-            writer.writerow([sec.profile, setting] + [r["keys"][k] for k in key_cols] + vals + [r["n"]]
-                            + [r["info"].get(i, "") for i in infos])
+        _csv_rows(writer, sec, key_cols, metrics, infos, rows, header=not csv_header_written)
+        csv_header_written = True
         if has("comparisons"):
             lines = module.comparisons(recs)
             if lines:
                 if not all(isinstance(line, str) for line in lines):
-                    raise TypeError(f"experiments.{name}.comparisons must return a list of str")
+                    raise TypeError(f"experiments.reports.{name}.comparisons must return a list of str")
                 md += ["### Comparisons", ""] + list(lines) + [""]
         if has("summarize"):
             extra = module.summarize(recs)
@@ -496,7 +357,7 @@ def build(name: str, runs_dir: Path, out_dir: Path, allow_uncommitted: bool = Fa
                 md += [f"### Confidence intervals ({sec.profile})", "",
                        markdown_table(cols, [[_show(e.get(c, "")) for c in cols] for e in extra]), ""]
                 tex_parts.append(latex_table(cols, [[_show(e.get(c, "")) for c in cols] for e in extra],
-                                             f"{name} ({sec.profile} profile): 95% bootstrap confidence intervals"))
+                                             f"{name} ({sec.profile} profile): 95% confidence intervals"))
         if index in grid_sections:
             fig = out_dir / (f"{name}_sensitivity.png" if len(grid_sections) == 1 else f"{name}_sensitivity_{sec.slug}.png")
             figures.append((fig, lambda p, recs=recs: draw_sensitivity(recs, p)))
@@ -516,18 +377,51 @@ def build(name: str, runs_dir: Path, out_dir: Path, allow_uncommitted: bool = Fa
     return written
 
 
+def committed_or_preview(name: str, used: list[dict], allow_uncommitted: bool) -> list[tuple[str, str]]:
+    """The records behind a table that no commit can reproduce; raise unless a preview is asked for."""
+    bad = uncommitted(used)
+    if bad and not allow_uncommitted:
+        listing = "\n".join(f"  {p}: {why}" for p, why in bad)
+        raise UncommittedRecordsError(
+            f"{name}: {len(bad)} of the {len(used)} run records behind this table were not written by committed "
+            f"code, so nobody could rerun what they measured:\n{listing}\n"
+            f"Commit the code, rerun them (make table-{name.replace('_', '-')}), then rebuild; or preview with\n"
+            f"  python scripts/make_tables.py {name} --allow-uncommitted   (a marked table; never commit it)")
+    return bad
+
+
+def _header(name: str, bad: list[tuple[str, str]], figure: bool) -> list[str]:
+    md = [f"# {name}", ""]
+    if bad:
+        md += [f"> **{PREVIEW_BANNER}.** Built with `--allow-uncommitted`; never commit this table. "
+               f"{len(bad)} record(s) come from code that cannot be checked out:"]
+        md += [f"> - `{p}`: {why}" for p, why in bad] + [""]
+    md += [f"Rebuilt from run records by `python scripts/make_tables.py {name}` "
+           f"(the runs: `make table-{name.replace('_', '-')}`). Metrics are mean ± std over seeds; n is the number "
+           f"of seeds; `select_s` and `settings_tried` are the seconds and the number of settings each method "
+           f"spent choosing its hyperparameters on validation.", ""]
+    return md + ([f"![{name}]({name}.png)", ""] if figure else [])
+
+
+def _csv_rows(writer, sec: Section, key_cols, metrics, infos, rows, header: bool) -> None:
+    """A section's rows in the CSV (its header first, for the first section)."""
+    if header:
+        writer.writerow(["profile", "setting"] + key_cols + [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
+                        + ["n_seeds"] + infos)
+    setting = ", ".join(f"{k}={v}" for k, v in sec.setting.items())
+    for r in rows:
+        vals = []
+        for m in metrics:
+            st = r["stats"].get(m)
+            vals += [f"{st[0]:.6g}", f"{st[1]:.6g}", st[2]] if st else ["", "", 0]
+        writer.writerow([sec.profile, setting] + [r["keys"][k] for k in key_cols] + vals + [r["n"]]
+                        + [r["info"].get(i, "") for i in infos])
+
+
 def _show(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def _experiment_module(name: str):
-    try:
-        return importlib.import_module(f"experiments.{name}")
-    except ImportError as e:
-        print(f"{name}: no module experiments.{name} ({e}); building the table without a figure")
-        return None
 
 
 def _write_all(files: dict[Path, str], figures: list[tuple[Path, Callable[[Path], Any]]]) -> list[Path]:

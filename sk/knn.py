@@ -1,14 +1,18 @@
 """Neighbour search behind one interface, the DINO weighted k-NN readout, and the auto lengthscale.
 
 ``knn_search(z, x, k)`` returns the k nearest support points of every evaluation point in Euclidean
-distance, ties broken by the lower index (the contract), sorted by distance. A tie is a tie of the
-computed scores: points at equal distance in exact arithmetic whose rounded scores differ (a matmul may
-round the same dot product differently in different columns) are ordered by their rounded scores; data
-whose scores are exact (small integers, the corners of a cube) tie exactly. Backends:
+distance, sorted by distance, and among equal computed distances the lower index wins (the contract).
+The computed distance is ||x||^2 - 2 z.x + ||z||^2 clamped at 0, in the search dtype: points at equal
+distance in exact arithmetic whose rounded distances differ (a matmul may round the same dot product
+differently in different columns) are ordered by their rounded distances; points whose distances differ
+but round to the same computed value (next to a large ||z||^2) tie, and the lower index wins; data whose
+distances are exact (small integers, the corners of a cube) tie exactly. Backends:
 
 - ``"torch"`` (default): exact chunked brute force on the tensors' device. Each chunk of evaluation
-  points forms ||x||^2 - 2 z.x (one matmul; ||z||^2 does not change the ranking so it is added to the
-  k winners only), then ``topk``. Memory is one (chunk, N) score block, sized from the device
+  points forms the computed distances ||x||^2 - 2 z.x + ||z||^2 (one matmul and one pass), then
+  selects the k + 1 smallest (``sk.select.k_smallest``: numpy's partition on the CPU, ``topk``
+  elsewhere). The matmuls run at full float32 precision whatever the global TF32 setting. Memory is one
+  (chunk, N) score block, sized from the device
   (``sk.budget``: 64 MiB on the CPU, up to 768 MiB on a GPU). Scores are float32 for half-precision
   inputs (a half-precision support is converted a block of rows at a time, never copied whole).
   Ties: ``topk`` does not say which of equal values it keeps, so each chunk asks for k + 1 sorted
@@ -17,52 +21,28 @@ whose scores are exact (small integers, the corners of a cube) tie exactly. Back
 - ``"faiss"``: exact ``IndexFlatL2`` on the CPU (float32), if faiss is installed.
 - ``"faiss-ivf"``: approximate ``IndexIVFFlat`` (nlist ~ sqrt(N) cells, nprobe of them searched).
 
+  Both keep their index with the support tensor (``sk.index``): built (IVF: trained) on the first
+  search of a tensor object, reused while it is unchanged, rebuilt after an in-place change. For a
+  support held across calls, an ``sk.SearchIndex`` (or ``sk.PrecomputedSupport(x, index=...)``) says so
+  explicitly and measures its recall.
+
 The search carries no gradient: the neighbour set is piecewise constant. Callers that need
 differentiable distances gather the neighbours and recompute exact differences (``sk.sparse_krr``
 does).
 """
 from __future__ import annotations
 
-import math
-import operator
-
 import torch
 from torch import Tensor
 
 from .budget import search_rows
-from .precision import HALF, no_autocast
+from .precision import HALF, declared_precision
+from .select import k_smallest
+from .validation import as_chunk_size, as_k
 
 __all__ = ["knn_search", "weighted_knn", "auto_lengthscale", "default_chunk_size", "BACKENDS"]
 
 BACKENDS = ("torch", "faiss", "faiss-ivf")
-
-
-def as_k(k) -> int:
-    """k as a Python int >= 1: any integral type (int, numpy integers, integer 0-dim tensors); bool,
-    float and non-positive values raise ValueError."""
-    if isinstance(k, Tensor) and (k.is_floating_point() or k.dtype == torch.bool):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return _positive_index(k, "k must be an integer >= 1")
-
-
-def as_chunk_size(chunk_size, name: str = "chunk_size") -> int | None:
-    """None or a positive integer (rows per chunk); anything else raises ValueError."""
-    if chunk_size is None:
-        return None
-    return _positive_index(chunk_size, f"{name} must be a positive integer or None")
-
-
-def _positive_index(value, message: str) -> int:
-    """value as a Python int >= 1 (any integral type; bool and float refused), else ValueError(message)."""
-    if isinstance(value, (bool, float)):
-        raise ValueError(f"{message}, got {value!r}")
-    try:
-        index = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{message}, got {value!r}") from None
-    if index < 1:
-        raise ValueError(f"{message}, got {value!r}")
-    return index
 
 
 def search_dtype(z_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
@@ -118,21 +98,34 @@ def _k_smallest_lowest_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _order_by_distance_then_index(scores.gather(1, sel), sel)
 
 
-def _scores(zc: Tensor, x: Tensor, x2: Tensor, out: Tensor, scratch: Tensor | None) -> Tensor:
-    """||x_j||^2 - 2 z.x_j for a chunk of evaluation points into ``out`` (rows, N): one fused addmm, or,
-    for a support stored in another dtype (half precision), one per block of support points converted
-    into ``scratch``."""
-    if scratch is None:
-        return torch.addmm(x2.unsqueeze(0), zc, x.t(), beta=1.0, alpha=-2.0, out=out)
-    nb = scratch.shape[0]
-    for s in range(0, x.shape[0], nb):
-        xb = scratch[:min(nb, x.shape[0] - s)].copy_(x[s:s + nb])
-        torch.addmm(x2[s:s + nb].unsqueeze(0), zc, xb.t(), beta=1.0, alpha=-2.0, out=out[:, s:s + nb])
-    return out
+def _scores(zc: Tensor, x: Tensor, x2: Tensor, out: Tensor | None, scratch: Tensor | None,
+            scale: Tensor | None = None) -> Tensor:
+    """The computed squared distances ||x_j||^2 - 2 z.x_j + ||z||^2, clamped at 0, of a chunk of evaluation
+    points into ``out`` (rows, N): one fused addmm and one pass, or, for a support stored in another dtype
+    (half precision), one addmm per block of support points converted into ``scratch``. With ``scale``
+    (N,), the distances to the points s_j x_j (``x2`` then holds their squared norms): the support is
+    scaled in the score block, never copied. ``out=None`` (one block, a support in the search dtype): a
+    fresh block from one addmm, with fewer operations."""
+    if out is None:
+        return torch.addmm(x2, zc, x.t(), alpha=-2.0).add_((zc * zc).sum(1, keepdim=True)).clamp_min_(0.0)
+    n = x.shape[0]
+    nb = n if scratch is None else scratch.shape[0]
+    for s in range(0, n, nb):
+        xb = x if scratch is None else scratch[:min(nb, n - s)].copy_(x[s:s + nb])
+        if scale is None:
+            torch.addmm(x2[s:s + nb].unsqueeze(0), zc, xb.t(), alpha=-2.0, out=out[:, s:s + nb])
+        else:
+            torch.mm(zc, xb.t(), out=out[:, s:s + nb])
+    if scale is not None:
+        out.mul_(scale * -2.0).add_(x2)
+    return out.add_((zc * zc).sum(1, keepdim=True)).clamp_min_(0.0)
 
 
-def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    """Exact chunked search; one host synchronisation per call (the check for boundary ties)."""
+def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
+                  scale: Tensor | None = None, values: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Exact chunked search; one host synchronisation per call (the check for boundary ties). ``scale``
+    (N,): search the points s_j x_j (see ``_scores``). ``values=False``: no distances returned (None)
+    by a search of one block."""
     m, n, d = z.shape[0], x.shape[0], x.shape[1]
     dtype = search_dtype(z.dtype, x.dtype)
     esize = torch.finfo(dtype).bits // 8
@@ -140,94 +133,58 @@ def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None) -> tuple
     # 1 MiB blocks for the norms on the CPU (faster than one pass); on a GPU an eighth of the score block,
     # so that a large support takes tens of kernel launches, not thousands.
     x2 = _sq_norms(x, dtype, 1 << 18 if x.device.type == "cpu" else max(1 << 18, rows * n // 8))
-    # One (rows, N) block for all chunks: a fresh block per chunk costs page faults (measured 20-30%
-    # of the matmul) and, on the CPU, glibc's allocator was seen to keep GiBs of freed blocks.
-    block = torch.empty(rows, n, dtype=dtype, device=z.device)
+    if scale is not None:
+        x2 = x2 * scale * scale
     scratch = None
     if x.dtype != dtype:
         nb = max(1, min(n, rows * n // (4 * d)))     # a quarter of the score block's elements
         scratch = torch.empty(nb, d, dtype=dtype, device=x.device)
     full = k >= n
+    if rows >= m and not full and scratch is None and scale is None:
+        # One block (small calls): the same steps with fewer operations.
+        scores = _scores(z.to(dtype), x, x2, None, None)
+        v, i = k_smallest(scores, k + 1)
+        if bool((v[:, 1:] == v[:, :-1]).any()):    # the call's one synchronisation
+            v, i = _k_smallest_lowest_index(scores, k)
+        return (v[:, :k].to(z.dtype) if values else None), i[:, :k]
+    # One (rows, N) block for all chunks: a fresh block per chunk costs page faults (measured 20-30%
+    # of the matmul) and, on the CPU, glibc's allocator was seen to keep GiBs of freed blocks.
+    block = torch.empty(rows, n, dtype=dtype, device=z.device)
     vals = torch.empty(m, min(k, n), dtype=dtype, device=z.device)
     idx = torch.empty(m, min(k, n), dtype=torch.long, device=z.device)
     tied = None if full else torch.empty(m, dtype=torch.bool, device=z.device)
     for start in range(0, m, rows):
         stop = min(start + rows, m)
         zc = z[start:stop].to(dtype)
-        scores = _scores(zc, x, x2, block[:stop - start], scratch)
+        scores = _scores(zc, x, x2, block[:stop - start], scratch, scale)
         if full:
             v, i = torch.sort(scores, dim=1, stable=True)
         else:
             # topk does not promise which of equal values it keeps, nor their order. Asking for k + 1
             # sorted values shows every tie that matters (equal neighbours among the k + 1, across the
             # boundary or inside); such rows, rare for real-valued data, are redone after the loop.
-            v, i = torch.topk(scores, k + 1, dim=1, largest=False, sorted=True)
+            v, i = k_smallest(scores, k + 1)
             torch.any(v[:, 1:] == v[:, :-1], dim=1, out=tied[start:stop])
             v, i = v[:, :k], i[:, :k]
-        # ||z||^2 does not change the ranking: it is added to the winners only.
-        torch.add(v, (zc * zc).sum(1, keepdim=True), out=vals[start:stop])
+        vals[start:stop] = v
         idx[start:stop] = i
-    if tied is not None and bool(tied.any()):      # the call's one synchronisation
-        redo = tied.nonzero().squeeze(1)
+    redo = tied.nonzero().squeeze(1) if tied is not None else idx[:0, 0]     # the call's one synchronisation
+    if redo.numel():
         per = max(1, rows // 3)                    # the int64 keys take twice the scores' bytes
         for s in range(0, redo.shape[0], per):
             r = redo[s:s + per]
             zc = z[r].to(dtype)
-            v, i = _k_smallest_lowest_index(_scores(zc, x, x2, block[:r.shape[0]], scratch), k)
-            vals[r] = v + (zc * zc).sum(1, keepdim=True)
+            v, i = _k_smallest_lowest_index(_scores(zc, x, x2, block[:r.shape[0]], scratch, scale), k)
+            vals[r] = v
             idx[r] = i
-    return vals.clamp_min_(0.0).to(z.dtype), idx
-
-
-def _import_faiss():
-    try:
-        import faiss  # noqa: PLC0415 - optional dependency, imported on first use
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "backend='faiss'/'faiss-ivf' needs the faiss package (pip install faiss-cpu); "
-            "or use backend='torch'"
-        ) from err
-    return faiss
+    return vals.to(z.dtype), idx
 
 
 def _search_faiss(z: Tensor, x: Tensor, k: int, ivf: bool, nlist: int | None, nprobe: int | None):
-    faiss = _import_faiss()
-    xs = x.detach().to("cpu", torch.float32).contiguous().numpy()
-    zs = z.detach().to("cpu", torch.float32).contiguous().numpy()
-    n, d = xs.shape
-    if ivf:
-        nlist = nlist or max(1, int(round(math.sqrt(n))))
-        nlist = min(nlist, n)
-        quantizer = faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
-        index.train(xs)
-        index.add(xs)
-        index.nprobe = min(nlist, nprobe or max(1, nlist // 8))
-    else:
-        index = faiss.IndexFlatL2(d)
-        index.add(xs)
-    kk = min(k + 1, n)  # one extra to detect ties at the boundary, as in the torch search
-    dist, idx = index.search(zs, kk)
-    dist = torch.from_numpy(dist)
-    idx = torch.from_numpy(idx).long()
-    if not ivf and kk > k:
-        tied = dist[:, k] == dist[:, k - 1]
-        dist, idx = dist[:, :k], idx[:, :k]
-        if bool(tied.any()):
-            # Redo tied rows with the exact torch search, which keeps the lower indices.
-            rows = tied.nonzero().squeeze(1)
-            td, ti = _search_torch(z.detach().cpu().float()[rows], x.detach().cpu().float(), k, None)
-            dist, idx = dist.index_put((rows,), td), idx.index_put((rows,), ti)
-    else:
-        dist, idx = dist[:, :k], idx[:, :k]
-    # IVF can return fewer than k hits (-1) when the probed cells are small: fill with exact search.
-    missing = (idx < 0).any(1)
-    if bool(missing.any()):
-        rows = missing.nonzero().squeeze(1)
-        td, ti = _search_torch(z.detach().cpu().float()[rows], x.detach().cpu().float(), k, None)
-        dist, idx = dist.index_put((rows,), td), idx.index_put((rows,), ti)
-    dist, idx = _order_by_distance_then_index(dist.clamp_min(0.0), idx)
-    return dist.to(z.device, z.dtype), idx.to(z.device)
+    """The faiss backends: an index of x kept between calls (``sk.index.cached_index``), not rebuilt."""
+    from .index import cached_index  # noqa: PLC0415 - sk.index imports this module
+
+    return cached_index(x, "ivf" if ivf else "flat", nlist=nlist).search(z, k, nprobe=nprobe)
 
 
 @torch.no_grad()
@@ -253,25 +210,41 @@ def knn_search(z: Tensor, x: Tensor, k: int, backend: str = "torch", chunk_size:
         matter.
 
     The torch search synchronises with the host once per call (whether any row has a tie across the
-    k-th place), not once per chunk, and runs with autocast off (scores in float32 or wider).
+    k-th place), not once per chunk, and runs with autocast off and full-precision float32 matmuls
+    (scores in float32 or wider, whatever the global TF32 setting).
     """
-    k = as_k(k)
+    k = _checked_k(z, x, k)
     chunk_size = as_chunk_size(chunk_size)
+    if z.shape[0] == 0:
+        return z.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=z.device)
+    if backend == "torch":
+        with declared_precision(z.device):
+            return _search_torch(z.detach(), x.detach(), k, chunk_size)
+    if backend in ("faiss", "faiss-ivf"):
+        return _search_faiss(z, x, k, ivf=backend == "faiss-ivf", nlist=nlist, nprobe=nprobe)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def search_indices(z: Tensor, x: Tensor, k: int, backend: str = "torch") -> Tensor:
+    """The indices (M, k) of ``knn_search`` for inputs that ``sk.sparse_krr`` has validated (k <= N, M >= 1,
+    the declared precision already in force): the same search without the public checks, which a small
+    call would pay twice."""
+    if backend == "torch":
+        return _search_torch(z.detach() if z.requires_grad else z, x.detach() if x.requires_grad else x, k, None,
+                             values=False)[1]
+    return knn_search(z, x, k, backend=backend)[1]
+
+
+def _checked_k(z: Tensor, x: Tensor, k) -> int:
+    """min(k, N) after the shape checks of a search."""
+    k = as_k(k)
     if z.dim() != 2 or x.dim() != 2:
         raise ValueError(f"z and x must be 2-D (M, d) and (N, d), got shapes {tuple(z.shape)} and {tuple(x.shape)}")
     if z.shape[1] != x.shape[1]:
         raise ValueError(f"feature size mismatch: z has d={z.shape[1]}, x has d={x.shape[1]}")
     if x.shape[0] == 0:
         raise ValueError("empty support set: x has no rows")
-    k = min(k, x.shape[0])
-    if z.shape[0] == 0:
-        return z.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=z.device)
-    if backend == "torch":
-        with no_autocast(z.device):
-            return _search_torch(z.detach(), x.detach(), k, chunk_size)
-    if backend in ("faiss", "faiss-ivf"):
-        return _search_faiss(z, x, k, ivf=backend == "faiss-ivf", nlist=nlist, nprobe=nprobe)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    return min(k, x.shape[0])
 
 
 def weighted_knn(z: Tensor, x: Tensor, labels: Tensor, num_classes: int, k: int = 20,
@@ -290,14 +263,26 @@ def weighted_knn(z: Tensor, x: Tensor, labels: Tensor, num_classes: int, k: int 
     Returns:
         scores (M, C) in z's dtype, at least float32 (exp(1 / 0.07) overflows float16);
         ``scores.argmax(1)`` is the prediction.
+
+    The support is never normalised as a whole: the torch search scales its score block by the inverse
+    norms 1 / ||x_j|| (N numbers), and only the k voters of each query are gathered (a faiss backend
+    gets a normalised copy: its index copies the support anyway).
     """
-    with no_autocast(z.device):
-        dtype = torch.promote_types(z.dtype, torch.float32)
+    k, chunk_size = _checked_k(z, x, k), as_chunk_size(chunk_size)
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    if z.shape[0] == 0:
+        return torch.zeros(0, num_classes, dtype=dtype, device=z.device)
+    with declared_precision(z.device):
         zn = torch.nn.functional.normalize(z.to(dtype), dim=1)
-        xn = torch.nn.functional.normalize(x, dim=1)
+        # As F.normalize: x_j / max(||x_j||, 1e-12).
+        inv = _sq_norms(x.detach(), dtype).sqrt_().clamp_min_(1e-12).reciprocal_()
         # On unit vectors ||z - x||^2 = 2 - 2 cos, so the Euclidean search ranks by cosine similarity.
-        _, idx = knn_search(zn, xn, k, backend=backend, chunk_size=chunk_size)
-        sims = (zn.unsqueeze(1) * xn[idx].to(dtype)).sum(-1)
+        if backend == "torch":
+            _, idx = _search_torch(zn.detach(), x.detach(), k, chunk_size, scale=inv)
+        else:
+            _, idx = knn_search(zn, torch.nn.functional.normalize(x, dim=1), k, backend=backend, chunk_size=chunk_size)
+        voters = x.index_select(0, idx.reshape(-1)).view(*idx.shape, -1).to(dtype)          # (M, k, d)
+        sims = (zn.unsqueeze(1) * voters).sum(-1) * inv[idx]
         weights = torch.exp(sims / temperature)
         scores = torch.zeros(z.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         return scores.scatter_add(1, labels.to(z.device).long()[idx], weights)
@@ -310,7 +295,8 @@ def auto_lengthscale(x: Tensor, k: int = 32, max_points: int = 2048, seed: int =
     Rule: draw up to ``max_points`` support points (a fixed-seed subsample), find for each its k-th
     nearest *other* support point (k is capped at N - 1), and return the median of these distances.
     Points whose k-th neighbour is a duplicate (distance 0) are left out of the median. Returns 1.0 when
-    no positive distance exists (N < 2 or all points equal).
+    no positive distance exists (N < 2 or all points equal). Half-precision x is searched in float32: the
+    result is finite and equals the float32 computation on the same values.
 
     Why this rule: a local system of k neighbours then spans about one lengthscale, so its kernel matrix
     is neither the identity (l too small: SK degenerates to the prior) nor all ones (l too large: the
@@ -329,8 +315,10 @@ def auto_lengthscale(x: Tensor, k: int = 32, max_points: int = 2048, seed: int =
         queries = x[rows]
     else:
         queries = x
-    d2, _ = knn_search(queries, x, k + 1)  # the point itself is among the k + 1 (distance 0)
-    kth = d2[:, k].to(torch.promote_types(d2.dtype, torch.float32)).sqrt()
+    # The point itself is among the k + 1 (distance 0). Half-precision points are searched with float32
+    # queries, so that the distances come back in float32 (squared distances overflow float16 at 65504).
+    d2, _ = knn_search(queries.to(search_dtype(queries.dtype, x.dtype)), x, k + 1)
+    kth = d2[:, k].sqrt()
     kth = kth[kth > 0]
     if kth.numel() == 0:
         return 1.0

@@ -4,15 +4,26 @@ A local system K + lambda I can be singular (duplicated support points with lamb
 with k > d) or lose definiteness to rounding. ``cholesky_ex`` reports such systems instead of raising;
 only those are refactorised with a growing multiple of the identity added, so a singular system never
 turns into NaN. A system that still fails at the largest jitter raises ``SingularSystemError``.
+
+The solves that SK differentiates through have their own backward (``solve_quadratic``, ``solve_spd``):
+from the forward's factor, the gradient of f = k^T A^{-1} Y costs one triangular solve with two right-hand
+sides and an outer product, where autograd's chain through ``cholesky`` and ``solve_triangular`` costs
+several batched triangular solves and matmuls per chunk. Their backward runs its small batched LAPACK calls
+on one thread (``serial_lapack``), as the forward does, and at full float32 precision. (When A needs no
+gradient and torch runs one thread, ``solve_quadratic`` leaves the one triangular solve to autograd, whose
+C++ node costs less than a Python backward.) Under
+``create_graph`` (second derivatives, ``torch.func``) the backward refactorises differentiably, so
+higher derivatives are exact too.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-__all__ = ["SingularSystemError", "robust_cholesky", "psd_solve", "serial_lapack"]
+from .functions import apply
+from .precision import full_precision_matmuls
+
+__all__ = ["SingularSystemError", "robust_cholesky", "psd_solve", "serial_lapack", "solve_quadratic", "solve_spd"]
 
 # Matrices up to this size are "small": on the CPU their batched factorisations run single-threaded.
 SMALL_SYSTEM = 256
@@ -23,8 +34,7 @@ JITTER_START_EPS = 10.0
 JITTER_MAX_REL = 1e-2
 
 
-@contextmanager
-def serial_lapack(t: Tensor):
+class serial_lapack:  # noqa: N801 - used as a function: ``with serial_lapack(t):``
     """Run the enclosed batched LAPACK calls on one CPU thread when ``t`` is a batch of small matrices.
 
     torch factorises a batch one matrix at a time, and MKL may open a parallel region for each small
@@ -32,16 +42,22 @@ def serial_lapack(t: Tensor):
     slice, and a batch of thousands of 32 x 32 systems was measured 10-100x slower than on one thread.
     A small system gains nothing from threads, so they are switched off around these calls (the
     thread count is process state: another Python thread's torch work sees one thread meanwhile).
+    A class, not a generator: entered several times per call, it costs a few hundred nanoseconds.
     """
-    threads = torch.get_num_threads()
-    if t.device.type != "cpu" or threads == 1 or t.shape[-1] > SMALL_SYSTEM:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+
+    __slots__ = ("threads",)
+
+    def __init__(self, t: Tensor):
+        small = t.device.type == "cpu" and t.shape[-1] <= SMALL_SYSTEM
+        self.threads = torch.get_num_threads() if small else 1
+
+    def __enter__(self) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
 
 
 class SingularSystemError(RuntimeError):
@@ -82,7 +98,99 @@ def robust_cholesky(a: Tensor) -> Tensor:
 
 
 def psd_solve(a: Tensor, b: Tensor) -> Tensor:
-    """Solve a x = b for symmetric positive (semi-)definite a (..., n, n) and b (..., n, c)."""
-    factor = robust_cholesky(a)
-    with serial_lapack(a):
-        return torch.cholesky_solve(b, factor)
+    """Solve a x = b for symmetric positive (semi-)definite a (..., n, n) and b (..., n, c) (jitter where
+    needed, see ``robust_cholesky``); differentiable in a and b."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    n, c = a.shape[-1], b.shape[-1]
+    a3 = a.expand(*batch, n, n).reshape(-1, n, n)
+    b3 = b.expand(*batch, n, c).reshape(-1, n, c)
+    return solve_spd(a3, b3, robust_cholesky(a3.detach())).reshape(*batch, n, c)
+
+
+def _needs_graph(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _differentiable_factor(a: Tensor, factor: Tensor) -> Tensor:
+    """The Cholesky factor of a as a function of a (for a backward under ``create_graph``): of a plus the
+    jitter that ``factor`` was computed with (L L^T - a, a constant), so that it equals ``factor``."""
+    return torch.linalg.cholesky(a + (factor @ factor.mT - a).detach())
+
+
+def solve_quadratic(k: Tensor, a: Tensor, y: Tensor, factor: Tensor) -> Tensor:
+    r"""f = k^T A^{-1} Y for each batch: k (B, n), A (B, n, n) symmetric positive definite, Y (B, n, c),
+    ``factor`` (B, n, n) the lower Cholesky factor of A (computed without graph, jitter included) -> (B, c).
+
+    Forward: one forward substitution with the n x (1 + c) right-hand side [k | Y], W = L^{-1} [k | Y], and
+    f = W_k^T W_Y. Backward, with eta = A^{-1} k and a = A^{-1} Y g (one backward substitution with
+    [W_k | W_Y g]): dk = a, dY = eta g^T, dA = -(eta a^T + a eta^T) / 2 (A is symmetric)."""
+    if _needs_graph(a) or (_needs_graph(k, y) and torch.get_num_threads() > 1 and a.device.type == "cpu"):
+        return apply(_SolveQuadratic, k, a, y, factor)[0]
+    # No gradient to A on one thread: autograd's backward of the substitution alone (one triangular solve)
+    # costs less than a Python Function's.
+    w = torch.linalg.solve_triangular(factor, torch.cat([k.unsqueeze(2), y], dim=2), upper=False)
+    return (w[:, :, :1] * w[:, :, 1:]).sum(1)
+
+
+def solve_spd(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+    r"""X = A^{-1} B for each batch: A (B, n, n) symmetric positive definite, B (B, n, r), ``factor`` its
+    lower Cholesky factor (no graph, jitter included) -> (B, n, r). Backward: U = A^{-1} G, dB = U,
+    dA = -(U X^T + X U^T) / 2."""
+    if _needs_graph(a, b):
+        return apply(_SolveSPD, a, b, factor)
+    return _SolveSPD.forward(a, b, factor)
+
+
+class _SolveQuadratic(torch.autograd.Function):
+    @staticmethod
+    def forward(k: Tensor, a: Tensor, y: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+        with serial_lapack(factor):
+            w = torch.linalg.solve_triangular(factor, torch.cat([k.unsqueeze(2), y], dim=2), upper=False)
+        return (w[:, :, :1] * w[:, :, 1:]).sum(1), w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*inputs, output[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_w: Tensor | None):
+        k, a, y, factor, w = ctx.saved_tensors
+        with serial_lapack(factor), full_precision_matmuls():
+            if torch.is_grad_enabled():
+                factor = _differentiable_factor(a, factor)
+                w = torch.linalg.solve_triangular(factor, torch.cat([k.unsqueeze(2), y], dim=2), upper=False)
+            wyg = (w[:, :, 1:] * grad.unsqueeze(1)).sum(2, keepdim=True)                    # L^{-1} Y g
+            both = torch.linalg.solve_triangular(factor.mT, torch.cat([w[:, :, :1], wyg], dim=2), upper=True)
+        beta, ag = both[:, :, 0], both[:, :, 1]
+        need_k, need_a, need_y, _ = ctx.needs_input_grad
+        da = None
+        if need_a:
+            outer = beta.unsqueeze(2) * ag.unsqueeze(1)
+            da = (outer + outer.transpose(1, 2)) * -0.5
+        return (ag if need_k else None), da, (beta.unsqueeze(2) * grad.unsqueeze(1) if need_y else None), None
+
+
+class _SolveSPD(torch.autograd.Function):
+    @staticmethod
+    def forward(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+        with serial_lapack(factor):
+            return torch.cholesky_solve(b, factor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, factor, x = ctx.saved_tensors
+        with serial_lapack(factor), full_precision_matmuls():
+            if torch.is_grad_enabled():
+                factor = _differentiable_factor(a, factor)
+                x = torch.cholesky_solve(b, factor)
+            u = torch.cholesky_solve(grad, factor)
+        da = None
+        if ctx.needs_input_grad[0]:
+            outer = u @ x.mT
+            da = (outer + outer.mT) * -0.5
+        return da, (u if ctx.needs_input_grad[1] else None), None

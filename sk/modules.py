@@ -20,7 +20,12 @@ Save and load: ``state_dict()`` carries, besides the tensors, the layer's config
 (kernel type and learnability, k, continuous, taper, backend, chunk_size, solve_dtype, num_classes,
 which sets are stored, fixed or learned). ``load_state_dict`` into any layer of the class, a bare
 ``sk.SKLayer()`` or ``sk.SKClassifier()`` included, rebuilds that configuration first and then loads the
-tensors, so a saved SK head is restored without the code that built it. State dicts written before the
+tensors, so a saved SK head is restored without the code that built it, with the saved dtypes. A kernel
+class of the user's (not in ``sk.KERNELS``) is found by its qualified name among the ``sk.Kernel``
+subclasses defined in the process (import its module before loading); one that is not defined raises
+``ValueError`` naming it. Loading replaces the layer's buffers (fixed representations and targets, fixed
+hyperparameters) with fresh tensors: it never writes into a tensor the caller passed; parameters that
+match in kind and shape are loaded in place (an optimiser holds them). State dicts written before the
 extra state existed still load into a layer built with the same options. The extra state holds plain
 Python values only, so ``torch.load(..., weights_only=True)`` reads it.
 """
@@ -31,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import KERNELS, Kernel, make_kernel
-from .knn import as_chunk_size, as_k, auto_lengthscale
-from .krr import _is_labels, as_num_classes, check_ridge, sparse_krr
+from .knn import auto_lengthscale
+from .krr import sparse_krr
 from .support import PrecomputedSupport
+from .validation import as_chunk_size, as_k, as_num_classes, check_labels, check_ridge, check_taper, is_labels
 
 __all__ = ["SKLayer", "SKClassifier"]
 
@@ -62,8 +68,10 @@ class SKLayer(nn.Module):
         copy: store copies of fixed representations and targets (default: hold the given tensors).
         precompute: ``False`` (default), ``True`` or ``"distances"``: calls on a support that needs no gradient
             (the stored fixed representations, or per-call ones without grad) go through a cached
-            ``sk.PrecomputedSupport`` of it (rebuilt when the tensor changes), with its N x N distances for
-            ``"distances"`` (for small supports queried many times; see ``sk.support``). Same results.
+            ``sk.PrecomputedSupport`` of it (rebuilt when the tensor is replaced or changed in place through
+            PyTorch; after a write that PyTorch does not count, through ``.data`` or a numpy view, call
+            ``refresh()``), with its N x N distances for ``"distances"`` (for small supports queried many
+            times; see ``sk.support``). Same results.
 
     Shapes: ``forward(z (M, d)) -> (M, c)``, (M, C) for labels, or (M,) for one-dimensional targets.
 
@@ -89,20 +97,16 @@ class SKLayer(nn.Module):
         self.k = as_k(k)
         self.precompute = _check_precompute(precompute)
         self._prepared = (None, None)
-        if continuous and not 0.0 < taper <= 1.0:
-            raise ValueError(f"taper must be in (0, 1], got {taper}")
+        check_taper(taper, continuous)
         check_ridge(ridge)
         num_classes = as_num_classes(num_classes)
         self.continuous, self.taper = continuous, taper
         self.backend, self.chunk_size, self.solve_dtype = backend, as_chunk_size(chunk_size), solve_dtype
         self.num_classes = num_classes
-        if targets is not None and _is_labels(targets):
+        if targets is not None and is_labels(targets):
             if num_classes is None:
                 raise ValueError("integer label targets need num_classes=C")
-            if targets.dim() != 1:
-                raise ValueError(f"integer label targets must be (N,), got shape {tuple(targets.shape)}")
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-                raise ValueError(f"labels must lie in [0, {num_classes})")
+            check_labels(targets, num_classes)
             if learn_targets:
                 targets = F.one_hot(targets.long(), num_classes).to(torch.get_default_dtype())
         for name, value, learn in (("representations", representations, learn_representations),
@@ -167,7 +171,7 @@ class SKLayer(nn.Module):
         if x is None or y is None:
             raise ValueError("no representations/targets stored: pass them to forward(z, representations, targets)")
         if self.precompute and isinstance(x, Tensor) and not (x.requires_grad and torch.is_grad_enabled()):
-            x = self._prepare(x.detach())
+            x = self._prepare(x.detach() if x.requires_grad else x)
         if self.auto_per_call:
             kernel, lengthscale = type(self.kernel), "auto"
         else:
@@ -175,7 +179,7 @@ class SKLayer(nn.Module):
         return sparse_krr(z, x, y, k=self.k, kernel=kernel, lengthscale=lengthscale, ridge=self.ridge,
                           chunk_size=self.chunk_size, backend=self.backend, solve_dtype=self.solve_dtype,
                           indices=indices, continuous=self.continuous, taper=self.taper,
-                          num_classes=self.num_classes if _is_labels(y) else None)
+                          num_classes=self.num_classes if is_labels(y) else None)
 
     def _prepare(self, x: Tensor) -> PrecomputedSupport:
         """The cached ``PrecomputedSupport`` of x, rebuilt when x is another tensor or was changed in place."""
@@ -184,6 +188,14 @@ class SKLayer(nn.Module):
             self._prepared = (key, PrecomputedSupport(x, distances=self.precompute == "distances",
                                                       dtype=self.solve_dtype))
         return self._prepared[1]
+
+    def refresh(self) -> "SKLayer":
+        """Drop the cached ``PrecomputedSupport`` (``precompute=``), so that the next call prepares the support
+        again. Needed after a write to the stored representations that PyTorch's version counter does not
+        see (``layer.representations.data.mul_(2)``, a numpy view): an in-place change through PyTorch is
+        followed automatically. Returns self."""
+        self._prepared = (None, None)
+        return self
 
     def extra_repr(self) -> str:
         return f"k={self.k}, continuous={self.continuous}, backend={self.backend!r}"
@@ -195,6 +207,7 @@ class SKLayer(nn.Module):
             "format": _STATE_FORMAT,
             "k": self.k,
             "kernel": self.kernel.name,
+            "kernel_class": _qualified_name(type(self.kernel)),
             "learn_lengthscale": isinstance(self.kernel.log_lengthscale, nn.Parameter),
             "learn_ridge": "log_ridge" in self._parameters,
             "continuous": self.continuous,
@@ -225,7 +238,8 @@ class SKLayer(nn.Module):
     def _restructure(self, state: dict, state_dict: dict, prefix: str) -> None:
         """Make this layer's tensors the kind (buffer, parameter, None), shape and kind of dtype (labels or
         floats) that the saved layer had, and its kernel the saved type, so that the ordinary loading of
-        the tensors that follows fills them. Matching slots are left alone (an optimiser may hold them)."""
+        the tensors that follows fills them. Matching parameters are left alone (an optimiser may hold
+        them); rebuilt ones take the saved dtypes."""
         device = self._home_device()
         for name, kind in state["slots"].items():
             saved = state_dict.get(prefix + name)
@@ -241,17 +255,33 @@ class SKLayer(nn.Module):
                 self._set_slot(name, torch.empty(saved.shape, dtype=saved.dtype, device=device), kind)
         learn_ridge = bool(state["learn_ridge"])
         if learn_ridge != ("log_ridge" in self._parameters):
-            dtype = self.ridge.dtype
+            saved = state_dict.get(prefix + ("log_ridge" if learn_ridge else "fixed_ridge"))
+            dtype = self.ridge.dtype if saved is None else saved.dtype
             self._parameters.pop("log_ridge", None)
             self._buffers.pop("fixed_ridge", None)
             if learn_ridge:
                 self.log_ridge = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
             else:
                 self.register_buffer("fixed_ridge", torch.zeros((), dtype=dtype, device=device))
-        name, learn = state["kernel"], bool(state["learn_lengthscale"])
-        if name in KERNELS and (self.kernel.name != name
-                                or isinstance(self.kernel.log_lengthscale, nn.Parameter) != learn):
-            self.kernel = make_kernel(name, 1.0, learn).to(device)
+        cls, learn = _saved_kernel_class(state, self.kernel), bool(state["learn_lengthscale"])
+        if type(self.kernel) is not cls or isinstance(self.kernel.log_lengthscale, nn.Parameter) != learn:
+            saved = state_dict.get(prefix + "kernel.log_lengthscale")
+            try:
+                kernel = cls(1.0, learn_lengthscale=learn)
+            except TypeError as err:
+                raise ValueError(f"cannot rebuild the saved layer's kernel {_qualified_name(cls)} from its lengthscale "
+                                 f"alone ({err}): build the layer with kernel={cls.__name__}(...) before loading") from err
+            self.kernel = kernel.to(device=device, dtype=None if saved is None else saved.dtype)
+
+    def _fresh_buffers(self, state_dict: dict, prefix: str) -> None:
+        """Give every buffer that the state dict fills fresh storage of the saved shape and dtype, so that
+        loading replaces the layer's tensors and never writes into one a caller passed (a feature bank held
+        without a copy)."""
+        for module, pre in ((self, prefix), (self.kernel, prefix + "kernel.")):
+            for name, have in list(module._buffers.items()):
+                saved = state_dict.get(pre + name)
+                if have is not None and isinstance(saved, Tensor):
+                    module._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=have.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -259,10 +289,41 @@ class SKLayer(nn.Module):
         state = state_dict.get(key)
         if isinstance(state, dict) and state.get("format") == _STATE_FORMAT:
             self._restructure(state, state_dict, prefix)
+        self._fresh_buffers(state_dict, prefix)
+        self._prepared = (None, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)  # saved before the extra state existed: the layer's own options stay
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _kernel_classes(base: type = Kernel):
+    for sub in base.__subclasses__():
+        yield sub
+        yield from _kernel_classes(sub)
+
+
+def _saved_kernel_class(state: dict, current: Kernel) -> type[Kernel]:
+    """The kernel class a saved layer used: found by its qualified name among the ``sk.Kernel`` subclasses
+    defined in this process (a user's kernel included), never imported from the state; ValueError naming
+    it when it is not defined (rather than loading its lengthscale into another kernel)."""
+    qualified, name = state.get("kernel_class"), state["kernel"]
+    if qualified is None:         # saved before the class was recorded: the name decides
+        if name in KERNELS:
+            return KERNELS[name]
+        if current.name == name:
+            return type(current)
+    else:
+        for cls in (type(current), *_kernel_classes()):
+            if _qualified_name(cls) == qualified:
+                return cls
+    raise ValueError(f"the saved layer's kernel {qualified or name!r} is a sk.Kernel subclass that is not defined in "
+                     "this process: import the module that defines it (or build the layer with that kernel) before "
+                     "loading")
 
 
 def _check_precompute(value) -> bool | str:
@@ -303,7 +364,7 @@ class SKClassifier(SKLayer):
         if labels is not None:
             if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
                 raise ValueError(f"labels must be (N,) with N={features.shape[0]}, got shape {tuple(labels.shape)}")
-            if not _is_labels(labels):
+            if not is_labels(labels):
                 raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
             if num_classes is None:
                 raise ValueError("num_classes is required with labels")
@@ -317,7 +378,7 @@ class SKClassifier(SKLayer):
     def labels(self) -> Tensor | None:
         """The support labels (N,): the stored integer targets, or the argmax of learned targets."""
         t = self.targets
-        return t if t is None or _is_labels(t) else t.detach().argmax(1)
+        return t if t is None or is_labels(t) else t.detach().argmax(1)
 
     def forward(self, z: Tensor, representations: Tensor | None = None, targets: Tensor | None = None,
                 indices: Tensor | None = None) -> Tensor:

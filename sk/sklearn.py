@@ -27,8 +27,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .kernels import kernel_class
-from .knn import as_k, auto_lengthscale
-from .krr import check_lengthscale, check_ridge, sparse_krr
+from .knn import auto_lengthscale
+from .krr import sparse_krr
+from .validation import as_k, check_lengthscale, check_ridge, check_taper
 
 __all__ = ["SparseKernelRegressor", "SparseKernelClassifier"]
 
@@ -54,8 +55,7 @@ class _SparseKernelBase(BaseEstimator):
         check_ridge(self.ridge)
         if not (isinstance(self.lengthscale, str) and self.lengthscale == "auto"):
             check_lengthscale(self.lengthscale)
-        if self.continuous and not 0.0 < self.taper <= 1.0:
-            raise ValueError(f"taper must be in (0, 1], got {self.taper}")
+        check_taper(self.taper, self.continuous)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
@@ -122,8 +122,10 @@ class SparseKernelClassifier(ClassifierMixin, _SparseKernelBase):
     """Sparse Kernel classification: SK regression of the class indicators, without one-hot targets.
 
     The scores f_c(x) (the label path of ``sk.sparse_krr``) estimate the class indicators; the predicted
-    class is the best score, and ``predict_proba`` is the scores clipped at 0 and normalised to sum to 1
-    (uniform where no class scores above 0, far from every training point).
+    class is the best score (also where every score is <= 0), and
+    ``predict_proba`` is the scores clipped at 0 and normalised to sum to 1 (uniform where no class scores
+    above 0, far from every training point); its rows sum to 1 to rounding whatever the scale of the
+    scores, subnormal totals included.
 
     Parameters: as ``SparseKernelRegressor``, and ``normalize``: L2-normalise inputs first (usual for
     self-supervised features). Fitted attributes: ``classes_``, ``labels_`` (class indices of the
@@ -145,16 +147,26 @@ class SparseKernelClassifier(ClassifierMixin, _SparseKernelBase):
         self.labels_ = torch.as_tensor(encoded.reshape(-1), dtype=torch.long, device=self.device)
         return self
 
-    def predict_proba(self, X):
-        """Class probabilities (n, n_classes): scores clipped at 0, normalised (uniform if all <= 0)."""
+    def _class_scores(self, X):
+        """Class scores (n, n_classes): SK's regression of the class indicators. (Not scikit-learn's
+        ``decision_function``, whose binary form is one column.)"""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        scores = self._scores(X, self.labels_, num_classes=len(self.classes_)).clamp_min(0.0)
-        total = scores.sum(1, keepdim=True)
-        uniform = torch.full_like(scores, 1.0 / scores.shape[1])
-        return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), uniform).cpu().numpy()
+        return self._scores(X, self.labels_, num_classes=len(self.classes_)).cpu().numpy()
+
+    def predict_proba(self, X):
+        """Class probabilities (n, n_classes): scores clipped at 0, normalised (uniform if all <= 0).
+
+        Each row is divided by its largest entry before it is normalised: the row then sums to at least 1,
+        so a total too small to divide by (subnormal) cannot leave the row short of 1."""
+        scores = torch.from_numpy(self._class_scores(X)).clamp_min(0.0)
+        top = scores.max(1, keepdim=True).values
+        scaled = scores / torch.where(top > 0, top, torch.ones_like(top))
+        proba = scaled / scaled.sum(1, keepdim=True).clamp_min(1.0)
+        return torch.where(top > 0, proba, torch.full_like(proba, 1.0 / proba.shape[1])).numpy()
 
     def predict(self, X):
-        """Predicted classes (n,): the class of the best score."""
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """Predicted classes (n,): the class of the best score (not of the clipped probabilities, which
+        tie at 0 where every score is <= 0)."""
+        scores = self._class_scores(X)      # checks that the estimator is fitted
+        return self.classes_[np.argmax(scores, axis=1)]

@@ -18,8 +18,10 @@ from omegaconf import OmegaConf
 
 import experiments.cnn_readout as cr
 from experiments.backbones import create
-from experiments.cnn_readout import (READOUT_ORDER, Candidate, SKHead, comparisons, grid_settings, make_figure,
-                                     select, sk_loss, sk_readout)
+from experiments.cnn_readout import READOUT_ORDER, Candidate, SKHead, select, sk_loss
+from experiments.core.format import setting_text
+from experiments.core.probes import ProbeTask, grid_settings, holdout, run_probe
+from experiments.reports.cnn_readout import comparisons, make_figure
 from experiments.core.cache import module_fingerprint
 from experiments.core.data import load_digits
 from experiments.core.runner import run_experiment
@@ -28,7 +30,7 @@ from scripts import make_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_CNN = OmegaConf.create({"name": "small_cnn", "in_channels": 1, "width": 8, "feature_dim": 16})
-SK = {"normalize": True, "backend": "torch", "k": 8, "kernel": "gaussian", "lengthscale": "auto", "ridge": 1e-3}
+SK = {"normalize": True, "backend": "torch", "default": {"k": 8, "kernel": "gaussian", "lengthscale": "auto", "ridge": 1e-3}}
 GRID = {"k": [4, 8], "kernel": ["gaussian", "laplacian"], "lengthscale_mult": [1.0], "ridge": [1e-4]}
 QUIET = dict(progress=lambda it, **kw: it)
 
@@ -38,7 +40,8 @@ LRS = [3e-4, 3e-3, 3e-2]
 DIGITS = ["data=digits", "seed=1", "backbone.width=8", "backbone.feature_dim=16", "exp.train_size=900",
           "exp.val_size=200", "exp.test_size=null", "exp.epochs=6", "exp.sk_epochs_frac=0.5",
           "exp.optim.default.batch_size=32", f"exp.optim.default.lr_grid=[{','.join(map(str, LRS))}]",
-          "exp.mlp.epochs=5", "exp.mlp.lr_grid=[1e-3,1e-2]", "exp.mlp.weight_decay_grid=[0.0,1e-3]",
+          "probe.mlp.epochs=5", "probe.mlp.grid.lr=[1e-3,1e-2]", "probe.mlp.grid.weight_decay=[0.0,1e-3]",
+          "probe.knn.grid.k=[5,20]", "probe.knn.grid.temperature=[0.07,1.0]",
           "exp.eval_batch_size=256", "sk.head.k=8",
           "sk.grid={k:[4,8],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1e-4]}"]
 
@@ -97,16 +100,19 @@ def test_every_trained_readout_is_chosen_on_validation_from_its_whole_grid(digit
     assert list(rows) == READOUT_ORDER
     grids = {"linear_joint": [{"lr": lr} for lr in LRS], "linear_joint_short": [{"lr": lr} for lr in LRS],
              "sk_e2e": [{"lr": lr} for lr in LRS],
-             "mlp_frozen": grid_settings(lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-3])}
+             "mlp_frozen": grid_settings({"lr": [1e-3, 1e-2], "weight_decay": [0.0, 1e-3]}),
+             "knn_frozen": grid_settings({"k": [5, 20], "temperature": [0.07, 1.0]})}
     for name, grid in grids.items():
         row = rows[name]
-        tried = [{k: v for k, v in e.items() if k != "val_acc"} for e in row["selection"]]
+        scores = row["selection"] if "selection" in row else row["selection_scores"]  # backbone runs | probes
+        tried = [{k: v for k, v in e.items() if k != "val_acc"} for e in scores]
         assert tried == grid, name
-        chosen = best_of(row["selection"])
-        assert row["info"]["chosen"].startswith(cr._fmt_chosen(chosen)), (name, row["info"]["chosen"])
-        assert row["metrics"]["val_acc"] == max(e["val_acc"] for e in row["selection"]), name
+        chosen = best_of(scores)
+        shown = setting_text(chosen).replace("temperature=", "T=")
+        assert row["info"]["chosen"].startswith(shown), (name, row["info"]["chosen"])
+        assert row["metrics"]["val_acc"] == max(e["val_acc"] for e in scores), name
         assert row["metrics"]["select_s"] > 0, name
-    for name in ("linear_joint", "linear_joint_short", "mlp_frozen"):
+    for name in ("linear_joint", "linear_joint_short", "mlp_frozen", "knn_frozen"):
         assert rows[name]["metrics"]["settings_tried"] == len(grids[name]), name
     # readout 4: every learning rate times every SK setting; SK rows keep SK's whole grid
     assert rows["sk_e2e"]["metrics"]["settings_tried"] == len(LRS) * 2
@@ -117,7 +123,8 @@ def test_every_trained_readout_is_chosen_on_validation_from_its_whole_grid(digit
         best = max(grid, key=lambda e: e["val_acc"])
         assert f"k={best['k']}, kernel=gaussian," in rows[name]["info"]["chosen"], rows[name]["info"]
     assert rows["sk_frozen"]["metrics"]["val_acc"] == max(e["val_acc"] for e in rows["sk_frozen"]["sk_grid"])
-    assert rows["knn_frozen"]["metrics"]["select_s"] == 0 and rows["knn_frozen"]["metrics"]["settings_tried"] == 1
+    # every readout chose on the same validation split (the same selection data, named in each row)
+    assert len({r["info"]["selection"] for r in rows.values()}) == 1, {k: r["info"]["selection"] for k, r in rows.items()}
     # choosing among three learning rates trains two runs more than the chosen one: it costs more than its training
     assert rows["linear_joint"]["metrics"]["select_s"] > rows["linear_joint"]["metrics"]["train_s"] > 0
 
@@ -164,12 +171,12 @@ def test_select_keeps_the_first_best_and_counts_what_the_others_cost():
         val_acc, train_s, val_s = outcomes[setting["a"]]
         return Candidate(val_acc, train_s, val_s, model=f"model {setting['a']}", settings_tried=setting["b"])
 
-    sel = select(grid_settings(a=[1, 2, 3, 4], b=[2]), fit)
+    sel = select(grid_settings({"a": [1, 2, 3, 4], "b": [2]}), fit)
     assert sel.setting == {"a": 2, "b": 2} and sel.best.model == "model 2"  # a tie goes to the first
     assert sel.select_s == pytest.approx(2.0 + 0.25 + 0.5 + 4.0 + 0.25 + 5.0 + 1.0)  # all but the chosen fit
     assert sel.settings_tried == 8
     assert [e["val_acc"] for e in sel.scores] == [0.5, 0.75, 0.75, 0.25] and sel.scores[0] == {"a": 1, "b": 2, "val_acc": 0.5}
-    assert grid_settings(lr=[1, 2], wd=[0, 3]) == [{"lr": 1, "wd": 0}, {"lr": 1, "wd": 3}, {"lr": 2, "wd": 0},
+    assert grid_settings({"lr": [1, 2], "wd": [0, 3]}) == [{"lr": 1, "wd": 0}, {"lr": 1, "wd": 3}, {"lr": 2, "wd": 0},
                                                    {"lr": 2, "wd": 3}]
     with pytest.raises(ValueError, match="empty"):
         select([], fit)
@@ -200,9 +207,20 @@ def test_comparisons_quote_the_tables_numbers_and_paired_differences():
         shown = make_tables.fmt_stat("test_acc", row["stats"]["test_acc"])
         assert f"{row['keys']['readout']} {shown}" in lines[0]
     assert "sk_frozen 83.33 ± 2.52" in lines[0]
-    # per-seed differences of 1, 1 and 2 points: mean +1.33, and every bootstrap mean lies in [1, 2]
-    assert "  - sk_frozen − linear_joint: +1.33 [+1.00, +2.00]" in lines
-    assert "  - sk_frozen − knn_frozen: +3.33 [+1.00, +6.00]" in lines
+    # Three comparisons (sk_e2e has no row), Holm-adjusted in the order of their p-values: sk − mlp (differences
+    # 2, 3, 3 points: t = 8, p = 0.015 < 0.05 / 3) is better; sk − linear (1, 1, 2: t = 4, p = 0.057 > 0.05 / 2) is
+    # not, and the step-down stops there (sk − knn: 1, 3, 6).
+    from scipy import stats as st
+    rows = {line.split("`")[1]: line for line in lines if line.startswith("  - `")}
+    assert set(rows) == {"sk_frozen − linear_joint", "sk_frozen − mlp_frozen", "sk_frozen − knn_frozen"}
+    assert rows["sk_frozen − mlp_frozen"].endswith("**better**")
+    assert rows["sk_frozen − linear_joint"].endswith("**not separated**")
+    assert rows["sk_frozen − knn_frozen"].endswith("**not separated**")
+    half = st.t.ppf(1 - 0.05 / 2 / 2, 2) * (st.tstd([1, 1, 2]) / 3 ** 0.5)  # its Holm level: 1 − 0.05 / 2
+    lo = f"{1.3333 - half:+.2f}".replace("-", "−")
+    assert rows["sk_frozen − linear_joint"].startswith(
+        f"  - `sk_frozen − linear_joint`: +1.33 [{lo}, +{1.3333 + half:.2f}] points, n = 3 seeds (paired t, Holm over 3")
+    assert any(line.startswith("- **Claim**") and "**Verdict: not shown**" in line for line in lines)
     assert "sk_e2e" not in text  # no row, no difference
     assert "mlp_frozen `lr=0.01, weight_decay=0` (2), `lr=0.001, weight_decay=0` (1)" in text
     assert "sk_frozen 6 s for 54 settings" in text and "mlp_frozen 22 s for 24 settings" in text
@@ -240,7 +258,7 @@ def test_paper_path_runs_offline_on_a_fake_cifar10(tmp_path, monkeypatch, one_th
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)  # our own files
     run_experiment(compose_cfg(tmp_path, "profile=smoke", "data=cifar10", "backbone=resnet18",
                                f"data.root={tmp_path / 'data'}", "data.download=false", "exp.train_size=null",
-                               "exp.val_size=20", "exp.test_size=null", "exp.curves=false", "exp.mlp.epochs=1"))
+                               "exp.val_size=20", "exp.test_size=null", "exp.curves=false", "probe.mlp.epochs=1"))
     rec = only_record(tmp_path)
     assert (rec["config"]["data"]["name"], rec["config"]["backbone"]["name"], rec["profile"]) == ("cifar10", "resnet18", "smoke")
     rows = {r["keys"]["readout"]: r for r in rec["rows"]}
@@ -251,12 +269,20 @@ def test_paper_path_runs_offline_on_a_fake_cifar10(tmp_path, monkeypatch, one_th
 
 
 # ----------------------------------------------------------------------------------------- parts
+def _sk_readout(fit_x, fit_y, val_x, val_y, test_x, test_y):
+    """The SK probe as readout 3 runs it: chosen on (val_x, val_y), read out from (fit_x, fit_y)."""
+    positions = torch.arange(len(fit_y) + len(val_y))
+    task = ProbeTask(torch.cat([fit_x, val_x]), torch.cat([fit_y, val_y]), test_x, test_y, 10,
+                     holdout(positions[:len(fit_y)], positions[len(fit_y):]), refit=False)
+    return run_probe("sk", task, {**SK, "grid": GRID})
+
+
 def test_sk_readout_with_the_test_points_as_support_is_exact(digits):
     torch.manual_seed(0)
     backbone = create(SMALL_CNN)
     feats = extract_features(backbone, digits.x_test, batch_size=128, device="cpu", mean_std=digits.mean_std, **QUIET)
     assert len(torch.unique(F.normalize(feats, dim=1), dim=0)) == len(feats)  # no two test points coincide
-    res = sk_readout(feats, digits.y_test, feats[:100], digits.y_test[:100], feats, digits.y_test, 10, grid=GRID, **SK)
+    res = _sk_readout(feats, digits.y_test, feats[:100], digits.y_test[:100], feats, digits.y_test)
     assert res.test_acc == 1.0
 
 
@@ -266,8 +292,7 @@ def test_sk_readout_is_chance_level_with_shuffled_support_labels(digits):
     feats = extract_features(create(SMALL_CNN), digits.x_test, batch_size=128, device="cpu",
                              mean_std=digits.mean_std, **QUIET)
     y_shuffled = digits.y_test[torch.randperm(len(digits.y_test), generator=torch.Generator().manual_seed(1))]
-    res = sk_readout(feats[:200], y_shuffled[:200], feats[200:], digits.y_test[200:], feats[200:],
-                     digits.y_test[200:], 10, grid=GRID, **SK)
+    res = _sk_readout(feats[:200], y_shuffled[:200], feats[200:], digits.y_test[200:], feats[200:], digits.y_test[200:])
     assert res.test_acc < 0.4
     assert res.settings_tried == 4 and len(res.grid) == 4 and res.val_acc == max(e["val_acc"] for e in res.grid)
 

@@ -12,6 +12,7 @@ import pytest
 
 from experiments.core import records as records_mod
 from experiments.core.records import atomic_write_json, config_id, load_records
+from experiments.reports import sensitivity
 from scripts import make_tables
 
 
@@ -98,7 +99,7 @@ def test_failed_table_build_leaves_previous_table(tmp_path, monkeypatch):
         def make_figure(records, path):
             raise KeyboardInterrupt("interrupted while drawing")
 
-    monkeypatch.setattr(make_tables, "_experiment_module", lambda name: Fig)
+    monkeypatch.setattr(make_tables, "load_report", lambda name: Fig)
     with pytest.raises(KeyboardInterrupt):
         make_tables.build("demo", runs, out)
     assert {p.name: p.read_text() for p in out.iterdir()} == before
@@ -107,7 +108,7 @@ def test_failed_table_build_leaves_previous_table(tmp_path, monkeypatch):
 
 def _no_module(monkeypatch, **hooks):
     """Build 'demo' tables with an experiment module that has exactly ``hooks``."""
-    monkeypatch.setattr(make_tables, "_experiment_module", lambda name: types.SimpleNamespace(**hooks))
+    monkeypatch.setattr(make_tables, "load_report", lambda name: types.SimpleNamespace(**hooks))
 
 
 @pytest.mark.parametrize("commit,why", [(HEAD + "-dirty", "uncommitted changes"), ("unknown", "unknown commit"),
@@ -247,7 +248,7 @@ def test_sensitivity_figure_from_the_grid_field(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "demo.md").read_text()
     assert "![SK sensitivity](demo_sensitivity.png)" in md and "mean over 3 seeds" in md
     recs = load_records(runs, "demo")
-    curves = make_tables.sensitivity_curves(make_tables.sensitivity_data(recs))
+    curves = sensitivity.sensitivity_curves(sensitivity.sensitivity_data(recs))
     (row,) = curves  # only the SK row has a grid
     assert dict(row) == {"probe": "sk"}
     # mean over seeds (+0.01), best over ridge (+0.05): gaussian, multiple 1.0, k = 8 and 16

@@ -2,8 +2,9 @@
 
 The quick run's sizes are tiny, so its times say nothing about speed (speed claims live in the full
 benchmark's report); what is checked is that every table parses, that every printed ratio is the quotient
-of the printed times it names, that memory numbers are positive and add up, and that the GPU section's
-code runs (on the CPU, through --device-section-on-cpu).
+of the printed times it names (section 7's against the minimal local KRR included), that memory numbers
+are positive and add up, that the GPU section's code runs (on the CPU, through --device-section-on-cpu),
+and that each report names its commit, its command and the load average, flagged by the rule.
 """
 import re
 import subprocess
@@ -11,6 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import sk
+from experiments.core.records import LOAD_MARGIN, load_contaminated
+from scripts.bench.provenance import load_verdict
+from scripts.bench.small import FORWARD_TARGET, GRAD_TARGET, dino_vote, minimal_krr
+from scripts.bench_sk import SECTIONS, chosen_sections
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,9 +60,65 @@ def quotient_ok(ratio: float, a: float, b: float, rel: float = 2e-3, abs_: float
 def test_cpu_report_header_and_sections(reports):
     text, _ = reports
     assert text.startswith("# sk benchmark") and "Quick smoke run" in text
-    assert "Command: `" in text and "torch threads 1" in text
     for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7."):
         assert section in text
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["cpu", "device"])
+def test_report_names_commit_command_machine_and_load(reports, which):
+    text = reports[which]
+    assert re.search(r"^Commit: `[0-9a-f]{40}(-dirty)?`", text, re.M)
+    command = re.search(r"^Command: `(.*)`", text, re.M).group(1)
+    assert "scripts/bench_sk.py --quick --threads 1 --out " in command
+    assert command.endswith("bench.md --device-section-on-cpu")
+    if which == 0:
+        threads = int(re.search(r"^Machine: CPU .* \((\d+) torch threads of \d+ cores\)", text, re.M).group(1))
+        assert threads == 1
+    start, end = (tuple(float(v) for v in m.split(", ")) for m in re.search(
+        r"^Load average \(1, 5, 15 min\) at start: ([0-9., ]+); at end: ([0-9., ]+?)  $", text, re.M).groups())
+    # Flagged at the top exactly when a 1-minute load average passed the benchmark's threads + the margin.
+    top = text.split("\nCommit:")[0]
+    contaminated = max(start[0], end[0]) > 1 + LOAD_MARGIN
+    assert ("**Contaminated timings:" in top) == contaminated and ("Clean timings:" in top) != contaminated
+    assert re.search(rf"load average was {start[0]:.2f} at start and {end[0]:.2f} at end", top)
+
+
+def test_load_rule():
+    quiet, busy = (0.4, 0.9, 1.0), (1.6, 0.2, 0.1)
+    assert load_contaminated([quiet, quiet], threads=1) is False
+    assert load_contaminated([quiet, busy], threads=1) is True          # 1.6 > 1 + 0.5
+    assert load_contaminated([busy, busy], threads=2) is False          # 1.6 <= 2 + 0.5
+    assert load_contaminated([(1.5, 0, 0)], threads=1) is False         # at the limit: not above it
+    assert load_contaminated([quiet, None], threads=1) is None
+    assert load_verdict(quiet, busy, 1).startswith("**Contaminated timings:")
+    assert load_verdict(quiet, quiet, 1).startswith("Clean timings:")
+    assert "unknown" in load_verdict(None, quiet, 1)
+
+
+def test_sections_by_key():
+    assert chosen_sections(None) == SECTIONS
+    assert [s.key for s in chosen_sections("7, 1-2")] == ["1-2", "7"]        # the report's order
+    with pytest.raises(ValueError, match="unknown section"):
+        chosen_sections("8")
+
+
+def test_minimal_krr_is_exact_krr_with_every_point():
+    """The reference of section 7 is right: with k = N it is exact KRR (Gaussian kernel)."""
+    g = torch.Generator().manual_seed(0)
+    x, z, y = (torch.randn(n, c, generator=g, dtype=torch.float64) for n, c in ((30, 5), (7, 5), (30, 2)))
+    f, idx = minimal_krr(z, x, y, k=30, lengthscale=1.5, ridge=1e-2)
+    assert torch.allclose(f, sk.exact_krr(z, x, y, kernel="gaussian", lengthscale=1.5, ridge=1e-2), atol=1e-10)
+    assert (idx.sort(1).values == torch.arange(30)).all()
+    f4, idx4 = minimal_krr(z, x, y, k=4, lengthscale=1.5, ridge=1e-2)
+    assert torch.allclose(f4, sk.sparse_krr(z, x, y, k=4, lengthscale=1.5, ridge=1e-2), atol=1e-10)
+    assert (idx4 == sk.knn_search(z, x, 4)[1]).all()
+
+
+def test_dino_vote_is_the_weighted_knn_vote():
+    g = torch.Generator().manual_seed(1)
+    x, z = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1) for n in (40, 6))
+    labels = torch.randint(0, 3, (40,), generator=g)
+    assert torch.allclose(dino_vote(z, x, labels, 3, 5), sk.weighted_knn(z, x, labels, 3, k=5), rtol=1e-4)
 
 
 def test_section_7_small_calls(reports):
@@ -63,6 +127,29 @@ def test_section_7_small_calls(reports):
     assert list(rows) == ["plain tensor", "PrecomputedSupport", "PrecomputedSupport(distances=True)"]
     assert all(v > 0 for vals in rows.values() for v in vals)
     assert re.search(r"Preparing the support: [0-9]+ us; with its N x N distances [0-9]+ us", text)
+
+
+def test_section_7_against_the_minimal(reports):
+    text, _ = reports
+    rows = {r[0]: r[1:] for r in table(text, "| call |")}
+    assert list(rows) == ["minimal local KRR", "SK, plain tensor", "SK, PrecomputedSupport",
+                          "SK, PrecomputedSupport(distances=True)", "DINO-style vote, hand-written",
+                          "sk.weighted_knn"]
+    fwd, grad = num(rows["minimal local KRR"][0]), num(rows["minimal local KRR"][3])
+    calls = {r[0]: num(r[2]) for r in table(text, "| support |")}           # the 64-query forward column
+    for name, r in rows.items():
+        assert quotient_ok(num(r[1]), num(r[0]), fwd) and quotient_ok(num(r[4]), num(r[3]), grad), name
+        if name.startswith("SK, "):
+            assert abs(num(r[0]) - calls[name[4:]]) <= 0.5                 # the same measurement
+            for ratio, target in ((num(r[1]), r[2]), (num(r[4]), r[5])):
+                assert target.startswith("<= ") and target.endswith(("(met)", "(missed)"))
+                if abs(ratio - num(target)) > 1e-3:                       # printed ratios are rounded
+                    assert target.endswith("(met)") == (ratio <= num(target))
+    assert (num(rows["SK, plain tensor"][2]), num(rows["SK, plain tensor"][5])) == (FORWARD_TARGET, GRAD_TARGET)
+    same = re.search(r"SK's neighbours differ from the minimal's for ([0-9]+) of 64 queries", text)
+    assert same and int(same.group(1)) == 0
+    for r in table(text, "| SK path |"):                                   # float32, outputs and gradients ~1
+        assert 0 <= num(r[1]) < 1e-4 and 0 <= num(r[2]) < 1e-4, r
 
 
 def test_section_1_ratio_is_the_quotient_of_the_times(reports):

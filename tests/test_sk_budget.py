@@ -77,7 +77,7 @@ def test_budgets_set_the_chunks_and_not_the_answer(monkeypatch):
     x, y, z = torch.randn(500, 16, generator=g), torch.randn(500, 3, generator=g), torch.randn(90, 16, generator=g)
     expect = sk.sparse_krr(z, x, y, k=8)
     counts = {"search": 0, "local": 0}
-    scores, local = sk.knn._scores, sk.krr._local_chunk
+    scores, local = sk.knn._scores, sk.krr.local_solve
 
     def count(name, fn):
         def wrapper(*a, **kw):
@@ -86,7 +86,7 @@ def test_budgets_set_the_chunks_and_not_the_answer(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(sk.knn, "_scores", count("search", scores))
-    monkeypatch.setattr(sk.krr, "_local_chunk", count("local", local))
+    monkeypatch.setattr(sk.krr, "local_solve", count("local", local))
     row_bytes = 4 * (8 * (16 + 4 * 8 + 3) + 3)
     with sk.block_budget(search_bytes=500 * 4 * 7, local_bytes=row_bytes * 11):
         out = sk.sparse_krr(z, x, y, k=8)

@@ -162,11 +162,13 @@ def test_cuda_backward_across_chunks_matches_reference(grads):
             assert torch.allclose(a.grad.cpu(), b.grad, atol=1e-8)
 
 
-def test_second_derivatives():
-    """Higher derivatives go through the local solves (the Gram's own backward is differentiable)."""
+@pytest.mark.parametrize("learned", ["queries-and-support", "queries"])
+def test_second_derivatives(learned):
+    """Higher derivatives go through the local solves (the Gram's own backward is differentiable, and so is
+    the queries' distances' on a fixed support)."""
     z, x, y = small(coincide=False)
     _, idx = sk.knn_search(z, x, 5)
-    inputs = (z.clone().requires_grad_(), x.clone().requires_grad_())
+    inputs = (z.clone().requires_grad_(), x.clone().requires_grad_(learned == "queries-and-support"))
 
     def f(z, x):
         return sk.sparse_krr(z, x, y, k=5, kernel="matern52", lengthscale=1.1, ridge=0.05, indices=idx)
@@ -176,19 +178,20 @@ def test_second_derivatives():
 
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
 def test_chunks_in_parallel_threads_match_one_thread(mode, monkeypatch):
-    """With several torch threads on the CPU the local chunks run in parallel worker threads: the same
-    values and gradients as one thread, grad and inference mode carried into the workers."""
+    """With several torch threads on the CPU the local chunks that record no graph run in parallel worker
+    threads (grad and inference mode carried into them); chunks that record a graph run in the calling
+    thread (autograd's thread-local state stays with it). The same values and gradients as one thread."""
     g = torch.Generator().manual_seed(4)
     z0, x0 = torch.randn(50, 4, generator=g, dtype=torch.float64), torch.randn(80, 4, generator=g, dtype=torch.float64)
     y0 = torch.randn(80, 2, generator=g, dtype=torch.float64)
     workers = []
-    real = sk.krr.ThreadPoolExecutor
+    real = sk.chunks.ThreadPoolExecutor
 
     def spy(n):
         workers.append(n)
         return real(n)
 
-    monkeypatch.setattr(sk.krr, "ThreadPoolExecutor", spy)
+    monkeypatch.setattr(sk.chunks, "ThreadPoolExecutor", spy)
 
     def run(threads):
         before = torch.get_num_threads()
@@ -209,6 +212,6 @@ def test_chunks_in_parallel_threads_match_one_thread(mode, monkeypatch):
     serial = run(1)
     assert workers == []
     parallel = run(2)
-    assert workers == [2] and torch.get_num_threads() == 1       # the fixture's count is restored
+    assert workers == ([] if mode == "grad" else [2]) and torch.get_num_threads() == 1   # the fixture's count
     for a, b in zip(serial, parallel):
         assert torch.allclose(a, b, atol=1e-12)

@@ -1,5 +1,5 @@
 """sk.PrecomputedSupport (a support prepared once for many calls) against the plain path, and the centring
-on the nearest neighbour used when only the queries need a gradient."""
+outside the graph used when only the queries need a gradient."""
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -83,7 +83,7 @@ def test_ties_go_to_the_lower_index(distances):
     z = torch.randint(-2, 3, (50, 3), generator=g).double() + 0.5    # equidistant from many grid points
     sup = sk.PrecomputedSupport(x, distances=distances)
     _, expect = sk.knn_search(z, x, 6)
-    xs, sqn = (sup._x64, sup._sq64) if distances else sup.tensors(torch.float64)
+    xs, sqn = sup.tensors(torch.float64)
     got, _ = sup.search(z, 6, 7, xs, sqn)                            # several score blocks
     assert torch.equal(got, expect)
     assert torch.equal(sup.search(z, 6, 1000, xs, sqn)[0], expect)   # one block
@@ -157,7 +157,7 @@ def test_rejected_inputs():
 @pytest.mark.parametrize("coincide", [False, True], ids=["generic", "query-on-support"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gradcheck_learned_queries_on_a_fixed_support(kernel, coincide):
-    """The centring on the nearest neighbour (a fixed support, learned queries), for the plain tensor and a
+    """The centring outside the graph (a fixed support, learned queries), for the plain tensor and a
     prepared support: exact gradients, finite at r = 0 (a query on a support point)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(14, 3, generator=g, dtype=torch.float64)
@@ -186,10 +186,10 @@ def test_gradcheck_learned_queries_on_a_fixed_support(kernel, coincide):
         assert all(gr is None or torch.isfinite(gr).all() for gr in grads)
 
 
-def test_learned_queries_centre_on_the_nearest_neighbour_and_keep_the_gram_out_of_the_graph(monkeypatch):
+def test_learned_queries_keep_the_gram_out_of_the_graph(monkeypatch):
     z, x, y, _ = data()
     used = []
-    for name in ("local_offsets", "local_anchored"):
+    for name in ("local_offsets", "local_fixed_support"):
         real = getattr(sk.Gaussian, name).__func__
 
         def spy(cls, *a, name=name, real=real):
@@ -202,7 +202,7 @@ def test_learned_queries_centre_on_the_nearest_neighbour_and_keep_the_gram_out_o
     sk.sparse_krr(z, x.clone().requires_grad_(), y, k=5)             # learned support
     with torch.no_grad():
         sk.sparse_krr(zg, x, y, k=5)                                 # no graph at all
-    assert used == ["local_anchored", "local_offsets", "local_offsets"]
+    assert used == ["local_fixed_support", "local_offsets", "local_offsets"]
 
 
 def test_k_smallest_selects_what_topk_selects():

@@ -47,4 +47,4 @@ def test_smoke_sweep_builds_a_complete_table(name, cli, tmp_path):
     grids = [row["sk_grid"] for rec in records for row in rec["rows"] if row.get("sk_grid")]
     assert grids and all({"k", "kernel", "lengthscale_mult", "ridge", "val_acc"} <= set(e) for g in grids for e in g)
     assert (out / f"{name}_sensitivity.png").exists() and f"]({name}_sensitivity.png)" in md
-    assert hasattr(importlib.import_module(f"experiments.{name}"), "comparisons") and "### Comparisons" in md
+    assert hasattr(importlib.import_module(f"experiments.reports.{name}"), "comparisons") and "### Comparisons" in md

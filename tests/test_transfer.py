@@ -1,10 +1,8 @@
-"""Training-free transfer (experiments/transfer.py): packaged weights, one draw for all methods,
-support sets disjoint from the test images, leave-one-out SK tuning with its grid recorded, fine-tuning
-chosen on validation, the README's comparisons, a run through the entry point, and the paper paths
-(EfficientNet-Lite0 and a timm ViT to fake CIFAR-10/100) offline."""
-import functools
+"""Training-free transfer (experiments/transfer.py): packaged weights, one draw and one set of folds for all
+probes, support sets disjoint from the test images, the selection recorded in every row, the README's
+comparisons, a run through the entry point, and the paper paths (EfficientNet-Lite0 and a timm ViT to fake
+CIFAR-10/100) offline. The probes themselves: tests/test_probes.py."""
 import json
-import math
 import socket
 from pathlib import Path
 
@@ -15,12 +13,14 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import sk
 from experiments import transfer
 from experiments.backbones import create
 from experiments.backbones.efficientnet import FEATURE_DIM, packaged_weights_path
 from experiments.core.data import train_val_split
+from experiments.core.probes import ProbeResult
+from experiments.core.probes.finetune import finetune_runs
 from experiments.core.runner import run_experiment
+from experiments.reports import transfer as report
 from paper_fixtures import TIMM_MODEL, allow_fake_cifar, refuse_network, write_fake_cifar, write_timm_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,23 +91,26 @@ class _Ctx:
         pass
 
 
-def test_every_method_sees_the_same_draw():
+KNN = {"grid": {"k": [3, 10], "temperature": [0.07]}, "default": {"k": 20, "temperature": 0.07}}
+
+
+def test_every_probe_sees_the_same_draw_and_folds(monkeypatch):
     seen = []
 
-    def recorder(name):
-        def fn(task):
-            seen.append((name, task.n, task.support_ids.clone(), task.y.clone()))
-            return transfer.ProbeResult(name, 0.5, None, 0.0, 0.0)
-        return fn
+    def recorder(name, task, options):
+        seen.append((name, task))
+        return ProbeResult(name, 0.5, None, 0.0, 0.0, selection=task.selection.describe())
 
+    monkeypatch.setattr(transfer, "run_probe", recorder)
     bank = _bank()
-    rows = transfer.evaluate(bank, [1, 5, "all"], {m: recorder(m) for m in ["sk", "knn", "ncm", "linear"]}, _Ctx())
+    rows = transfer.evaluate(bank, [1, 5, "all"], {m: {} for m in ["sk", "knn", "ncm", "linear"]}, 5, _Ctx())
     draws = transfer.draw_labelled(bank.pool_y, [1, 5, "all"], _Ctx.seed)
     assert len(seen) == 12 and len(rows) == 12
-    for name, n, ids, y in seen:
-        assert torch.equal(ids, bank.pool_idx[draws[n]]), (name, n)
-        assert torch.equal(y, bank.pool_y[draws[n]])
-    for n in (1, 5, "all"):
+    for n, group in zip((1, 5, "all"), (seen[0:4], seen[4:8], seen[8:12])):
+        tasks = [t for _, t in group]
+        assert all(t is tasks[0] for t in tasks)  # one task: the same draw, folds and test set for every probe
+        assert torch.equal(tasks[0].y, bank.pool_y[draws[n]])
+        assert tasks[0].selection.rule == ("none" if n == 1 else "k-fold")
         assert len({r["info"]["draw"] for r in rows if r["keys"]["shots"] == n}) == 1
 
 
@@ -119,15 +122,15 @@ def test_support_never_holds_a_test_image():
         transfer.assert_disjoint("train", torch.arange(10), "train", torch.tensor([42, 7, 9]))
     with pytest.raises(ValueError, match="unknown source split 'val'"):
         transfer.assert_disjoint("train", torch.arange(10), "val", torch.arange(10))
-    knn = functools.partial(transfer.run_knn, device=torch.device("cpu"), k=20, temperature=0.07)
-    transfer.evaluate(_bank(), ["all"], {"knn": knn}, _Ctx())  # test split 0..39, pool train 1000..1099: clean
+    knn = {"knn": KNN}
+    transfer.evaluate(_bank(), ["all"], knn, 5, _Ctx())  # test split 0..39, pool train 1000..1099: clean
     # a real leak: test images taken from the train split, three of them in the pool; caught at every n
     # whose draw holds one of them (the n=1 draw may miss them, "all" holds the whole pool)
     leaky = _bank(test_split="train", test_idx=torch.cat([torch.arange(1000, 1003), torch.arange(37)]))
     with pytest.raises(AssertionError, match="3 test images are in the support set"):
-        transfer.evaluate(leaky, ["all"], {"knn": knn}, _Ctx())
+        transfer.evaluate(leaky, ["all"], knn, 5, _Ctx())
     # the same indices from the test split are other images: no leak
-    transfer.evaluate(_bank(test_split="test", test_idx=leaky.test_idx), ["all"], {"knn": knn}, _Ctx())
+    transfer.evaluate(_bank(test_split="test", test_idx=leaky.test_idx), ["all"], knn, 5, _Ctx())
 
 
 def test_banks_read_the_images_of_the_split_they_record():
@@ -138,58 +141,6 @@ def test_banks_read_the_images_of_the_split_they_record():
     assert torch.equal(transfer.split_labels(data, "test"), data.y_test)
     with pytest.raises(ValueError, match="unknown source split"):
         transfer.split_images(data, "valid")
-
-
-def _brute_force_loo(x, y, num_classes, k, kernel, lengthscale, ridge) -> float:
-    """Each point predicted by sk.sparse_krr from the other points, one at a time."""
-    hits = 0
-    for i in range(len(x)):
-        rest = torch.cat([torch.arange(i), torch.arange(i + 1, len(x))])
-        f = sk.sparse_krr(x[i:i + 1], x[rest], F.one_hot(y[rest], num_classes).float(), k=k, kernel=kernel,
-                          lengthscale=lengthscale, ridge=ridge)
-        hits += int(f.argmax(1).item() == y[i])
-    return hits / len(x)
-
-
-def test_sk_leave_one_out_matches_a_brute_force_leave_one_out():
-    bank = _bank(n_pool=60)
-    x, y = F.normalize(bank.pool_x, dim=1), bank.pool_y
-    grid = {"k": [4, 8], "kernel": ["laplacian", "gaussian"], "lengthscale_mult": [0.5, 2.0], "ridge": [1e-2]}
-    scores = []
-    chosen, acc = transfer.sk_loo_tune(x, y, 5, max_points=1000, generator=torch.Generator().manual_seed(0),
-                                       scores=scores, **grid)
-    brute = {}
-    for k in grid["k"]:
-        auto = sk.auto_lengthscale(x, k=k)
-        for kernel in grid["kernel"]:
-            for mult in grid["lengthscale_mult"]:
-                brute[(k, kernel, mult)] = _brute_force_loo(x, y, 5, k, kernel, auto * mult, 1e-2)
-    assert len(set(brute.values())) > 1  # the grid entries differ, so the choice means something
-    best = max(brute.values())
-    first_best = next(key for key, v in brute.items() if v == best)  # ties: the first in grid order
-    assert acc == pytest.approx(best)
-    assert (chosen["k"], chosen["kernel"]) == first_best[:2]
-    assert chosen["lengthscale"] == pytest.approx(sk.auto_lengthscale(x, k=first_best[0]) * first_best[2])
-    # every grid setting's leave-one-out accuracy is recorded (the sensitivity figure), and it is the brute force's
-    assert len(scores) == len(brute)
-    for e in scores:
-        assert e["val_acc"] == pytest.approx(brute[(e["k"], e["kernel"], e["lengthscale_mult"])]), e
-
-
-def test_sk_leave_one_out_on_a_subset_keeps_every_point_in_the_support():
-    bank = _bank(n_pool=60)
-    x, y = F.normalize(bank.pool_x, dim=1), bank.pool_y
-    grid = {"k": [6], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}
-    g = torch.Generator().manual_seed(5)
-    chosen, acc = transfer.sk_loo_tune(x, y, 5, max_points=20, generator=g, **grid)
-    q = torch.randperm(60, generator=torch.Generator().manual_seed(5))[:20]
-    hits = 0
-    for i in q.tolist():
-        rest = torch.cat([torch.arange(i), torch.arange(i + 1, 60)])
-        f = sk.sparse_krr(x[i:i + 1], x[rest], F.one_hot(y[rest], 5).float(), k=6, kernel="gaussian",
-                          lengthscale=chosen["lengthscale"], ridge=1e-3)
-        hits += int(f.argmax(1).item() == y[i])
-    assert acc == pytest.approx(hits / 20)
 
 
 def test_stratified_validation_split_keeps_every_class_on_both_sides():
@@ -203,31 +154,37 @@ def test_stratified_validation_split_keeps_every_class_on_both_sides():
 
 
 def _sk_rows(tmp_path, marker: str) -> dict:
+    """{shots: (selection, chosen)} of the SK rows of the one smoke record whose command holds ``marker``."""
     recs = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs" / "transfer").glob("**/*.json")]
     (rec,) = [r for r in recs if marker in r["command"]]
     assert rec["profile"] == "smoke"
-    return {r["keys"]["shots"]: r["info"]["chosen"] for r in rec["rows"] if r["keys"]["method"] == "sk"}
+    return {r["keys"]["shots"]: (r["info"]["selection"], r["info"]["chosen"]) for r in rec["rows"]
+            if r["keys"]["method"] == "sk"}
 
 
 def test_sk_keys_on_the_command_line_reach_the_sk_rows(cli, tmp_path):
-    """sk.grid reaches the leave-one-out (n >= exp.sk_tune_min_shots); sk.tune=false gives the fixed
-    setting at every n; the fixed setting is used below sk_tune_min_shots either way."""
-    smoke = ["+exp=transfer", "profile=smoke", "logger=none", "exp.methods=[sk]", "exp.within=false"]
+    """sk.grid reaches the cross-validation (from 2 shots); sk.tune=false gives the fixed setting at every n;
+    at 1 shot every probe takes its default, SK's fixed setting."""
+    smoke = ["+exp=transfer", "profile=smoke", "logger=none", "~probe.knn", "~probe.ncm", "~probe.linear",
+             "~probe.finetune", "exp.within=false"]
     cli(*smoke, "sk.grid.k=[7]", "sk.grid.kernel=[imq]", "sk.k=3")
     cli(*smoke, "sk.tune=false", "sk.k=6", "sk.kernel=laplacian")
     tuned = _sk_rows(tmp_path, "sk.grid.k=[7]")
-    assert tuned[1].startswith("rule=fixed, k=3, kernel=gaussian,")
-    assert tuned[5].startswith("rule=loo, k=7, kernel=imq,") and tuned["all"].startswith("rule=loo, k=7, kernel=imq,")
+    assert tuned[1][0] == "none" and tuned[1][1].startswith("k=3, kernel=gaussian,")
+    for n in (5, 10):
+        assert tuned[n][0].startswith("3-fold ") and tuned[n][1].startswith("k=7, kernel=imq,"), tuned[n]
     fixed = _sk_rows(tmp_path, "sk.tune=false")
-    assert set(fixed) == {1, 5, "all"}
-    assert all(c.startswith("rule=fixed, k=6, kernel=laplacian,") for c in fixed.values()), fixed
+    assert set(fixed) == {1, 5, 10}
+    assert all(c.startswith("k=6, kernel=laplacian,") for _, c in fixed.values()), fixed
+    assert fixed[5][0].startswith("fixed (scored on 3-fold ")
 
 
 def test_run_through_entry_point_caches_features_across_seeds(cli, tmp_path):
     cli("-m", "+exp=transfer", "logger=none", "data=digits", "exp.data_within.name=digits", "seed=0,1",
         "backbone.img_size=32", "exp.pool_per_class=12", "exp.test_per_class=6", "exp.shots=[1,5,all]",
-        "exp.finetune_steps_grid=[1,2,3]", "exp.finetune_default_steps=2", "exp.within_train_per_class=20", "exp.within_epochs=1", "exp.sk_loo_points=50",
-        "exp.linear_c_grid=[0.1,1.0]", "exp.linear_max_iter=20", "threads=1")
+        "probe.finetune.grid.steps=[1,2,3]", "probe.finetune.default.steps=2", "exp.within_train_per_class=20",
+        "exp.within_epochs=1", "probe.linear.grid.C=[0.1,1.0]", "probe.linear.max_iter=20",
+        "probe.knn.grid.k=[3,10]", "threads=1")
     recs = [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs" / "transfer").glob("**/*.json"))]
     assert sorted(r["seed"] for r in recs) == [0, 1]
     settings = {"efficientnet_lite0->digits", "small_cnn[0-4]->digits[5-9]"}
@@ -247,8 +204,8 @@ def test_run_through_entry_point_caches_features_across_seeds(cli, tmp_path):
         full = {r["keys"]["method"]: r["metrics"]["test_acc"] for r in rows
                 if r["keys"]["setting"] == "efficientnet_lite0->digits" and r["keys"]["shots"] == "all"}
         assert min(full["sk"], full["knn"], full["linear"]) >= 0.5, full  # ImageNet features read digits (chance: 0.1)
-        sk_rules = {r["keys"]["shots"]: r["info"]["chosen"].split(",")[0] for r in rows if r["keys"]["method"] == "sk"}
-        assert sk_rules[1] == "rule=fixed" and sk_rules[5] == "rule=loo"
+        sk_rules = {r["keys"]["shots"]: r["info"]["selection"].split()[0] for r in rows if r["keys"]["method"] == "sk"}
+        assert sk_rules[1] == "none" and sk_rules[5] == "3-fold"  # the quick profile's cv_folds
         _check_selection_cost(rec)
     # features do not depend on the seed: one cache entry per split and setting, same "all" results
     assert len(list((tmp_path / "cache" / "transfer_features").glob("*.pt"))) == 4
@@ -257,131 +214,38 @@ def test_run_through_entry_point_caches_features_across_seeds(cli, tmp_path):
     def acc(rec, n, m):
         return [r["metrics"]["test_acc"] for r in rec["rows"] if r["keys"]["shots"] == n and r["keys"]["method"] == m]
 
-    assert acc(recs[0], "all", "knn") == acc(recs[1], "all", "knn")
+    assert acc(recs[0], "all", "ncm") == acc(recs[1], "all", "ncm")  # the whole pool, nothing chosen
     draws = [{r["info"]["draw"] for r in rec["rows"] if r["keys"]["shots"] == 1} for rec in recs]
     assert draws[0] != draws[1]
     png = tmp_path / "transfer.png"
-    transfer.make_figure(recs, png)
+    report.make_figure(recs, png)
     assert png.stat().st_size > 10_000
 
 
 def _check_selection_cost(rec: dict) -> None:
-    """Every row reports its selection cost; a rule=fixed row a fixed setting (0 s, 1 setting); SK's
-    leave-one-out rows their whole grid, whose best entry is the chosen one's score."""
-    grid = rec["config"]["sk"]["grid"]
-    size = len(grid["k"]) * len(grid["kernel"]) * len(grid["lengthscale_mult"]) * len(grid["ridge"])
+    """Every row reports its selection cost and data; a row with nothing to validate (one shot) or nothing to
+    choose (NCM) a fixed setting (0 s, 1 setting); the others their whole grid, whose best entry is the chosen
+    one's score, all chosen on the same folds of their draw (issue 21: one selection protocol)."""
+    cfg = rec["config"]
+    grid = cfg["sk"]["grid"]
+    sizes = {"sk": len(grid["k"]) * len(grid["kernel"]) * len(grid["lengthscale_mult"]) * len(grid["ridge"])}
+    for name in ("knn", "linear", "finetune"):
+        sizes[name] = 1
+        for values in cfg["probe"][name]["grid"].values():
+            sizes[name] *= len(values)
     for r in rec["rows"]:
-        m, method, rule = r["metrics"], r["keys"]["method"], r["info"].get("chosen", "").split(",")[0]
+        m, method = r["metrics"], r["keys"]["method"]
         assert {"select_s", "settings_tried"} <= set(m), r
-        if method in ("knn", "ncm") or rule == "rule=fixed":
+        if method == "ncm" or r["info"]["selection"] == "none":
             assert (m["select_s"], m["settings_tried"]) == (0.0, 1) and "sk_grid" not in r, r
             continue
-        assert m["select_s"] > 0, r
-        if method == "sk":
-            assert m["settings_tried"] == len(r["sk_grid"]) == size
-            assert m["val_acc"] == max(e["val_acc"] for e in r["sk_grid"])
-        elif method == "linear":
-            assert m["settings_tried"] == len(rec["config"]["exp"]["linear_c_grid"])
-        elif method == "finetune":
-            e = rec["config"]["exp"]
-            assert m["settings_tried"] == len(e["finetune_lr_grid"]) * len(e["finetune_steps_grid"])
-
-
-# ----------------------------------------------------------------------------- fine-tuning
-
-def _finetune_task(n, seed=0, n_test=40):
-    """A task with activations = features (d=6) and a linear tail: fine-tuning trains two linear layers."""
-    g = torch.Generator().manual_seed(seed)
-    centers = 2.0 * torch.randn(4, 6, generator=g)
-    y = torch.arange(4).repeat(n)
-    x = centers[y] + torch.randn(len(y), 6, generator=g)
-    ty = torch.arange(4).repeat(n_test // 4)
-    tx = centers[ty] + torch.randn(len(ty), 6, generator=g)
-
-    def make_tail():
-        return nn.Linear(6, 6)
-
-    return transfer.Task(n=n, support_ids=torch.arange(len(y)), x=x, y=y, test_x=tx, test_y=ty, num_classes=4,
-                         seed=seed, act=x.clone(), test_act=tx.clone(), make_tail=make_tail)
-
-
-FT = dict(device=torch.device("cpu"), shots=[1, 10], tune_min_shots=5, val_frac=0.25, lr_grid=[1e-4, 1e-2, 1e-1],
-          steps_grid=[3, 12, 30], default_lr=1e-2, default_steps=7, batch_size=8, weight_decay=0.0)
-
-
-def _val_score(task, lr, steps):
-    """Validation accuracy of ONE separate run of ``steps`` steps: what the grid's shared runs must reproduce."""
-    fit, val = transfer.validation_split(task, FT["val_frac"])
-    (_, model), = transfer.finetune_runs(task.act[fit], task.y[fit], task.make_tail, 4, 6, lr=lr, checkpoints=[steps],
-                                         batch_size=FT["batch_size"], weight_decay=0.0, seed=task.seed, device="cpu")
-    return transfer.accuracy(transfer.finetune_predict(model, task.act[val], "cpu"), task.y[val])
-
-
-def test_finetune_chooses_lr_and_steps_on_validation_then_refits_on_the_whole_draw():
-    task = _finetune_task(10)
-    res = transfer.run_finetune(task, **FT)
-    scores = {(lr, s): _val_score(task, lr, s) for lr in FT["lr_grid"] for s in FT["steps_grid"]}
-    assert len(set(scores.values())) > 1  # the settings differ on validation: the choice means something
-    best = max(scores.values())
-    first_best = next(k for k, v in scores.items() if v == best)  # ties: first lr, then fewest steps
-    assert (res.chosen["rule"], res.chosen["lr"], res.chosen["steps"]) == ("val", *first_best)
-    assert res.val_acc == best
-    assert res.settings_tried == 9 and 0 < res.select_s <= res.fit_s
-    # the final model: the chosen setting trained on all 40 labelled examples, not on the fit part
-    (_, model), = transfer.finetune_runs(task.act, task.y, task.make_tail, 4, 6, lr=first_best[0],
-                                         checkpoints=[first_best[1]], batch_size=8, weight_decay=0.0, seed=0, device="cpu")
-    assert torch.equal(res.pred, transfer.finetune_predict(model, task.test_act, "cpu"))
-    assert res.test_acc == transfer.accuracy(res.pred, task.test_y)
-
-
-def test_finetune_below_the_minimum_shots_takes_the_fixed_default():
-    task = _finetune_task(1)
-    res = transfer.run_finetune(task, **FT)
-    assert (res.chosen["rule"], res.chosen["lr"], res.chosen["steps"]) == ("fixed", 1e-2, 7)
-    assert (res.select_s, res.settings_tried, res.val_acc) == (0.0, 1, None)
-    assert transfer.run_finetune(_finetune_task(3), **FT) is None  # n=3 is not among the fine-tuned shots
-
-
-def test_linear_probe_and_finetune_choose_on_the_same_validation_split(monkeypatch):
-    splits = []
-    real = transfer.validation_split
-
-    def recording(task, val_frac):
-        out = real(task, val_frac)
-        splits.append(out)
-        return out
-
-    monkeypatch.setattr(transfer, "validation_split", recording)
-    task = _finetune_task(10)
-    transfer.run_linear(task, device=torch.device("cpu"), tune_min_shots=5, val_frac=0.25, default_C=1.0,
-                        c_grid=[0.1, 1.0], max_iter=20)
-    transfer.run_finetune(task, **FT)
-    assert len(splits) == 2 and all(torch.equal(a, b) for a, b in zip(*splits))
-    fit, val = splits[0]
-    assert torch.bincount(task.y[val]).tolist() == [2, 2, 2, 2]  # stratified: a quarter of each class
-
-
-def test_linear_probe_below_the_minimum_shots_reports_no_selection():
-    res = transfer.run_linear(_finetune_task(1), device=torch.device("cpu"), tune_min_shots=5, val_frac=0.25,
-                              default_C=1.0, c_grid=[0.1, 1.0, 10.0], max_iter=20)
-    assert (res.chosen["rule"], res.chosen["C"], res.select_s, res.settings_tried, res.val_acc) == ("fixed", 1.0, 0.0, 1, None)
-    assert res.fit_s > 0
-    tuned = transfer.run_linear(_finetune_task(10), device=torch.device("cpu"), tune_min_shots=5, val_frac=0.25,
-                                default_C=1.0, c_grid=[0.1, 1.0, 10.0], max_iter=20)
-    assert tuned.chosen["rule"] == "val" and tuned.settings_tried == 3 and 0 < tuned.select_s < tuned.fit_s
-
-
-def test_finetune_runs_scores_step_counts_along_one_run():
-    """The checkpoint at s steps of a run that goes on to more steps is the model of a run of s steps."""
-    task = _finetune_task(10)
-    kw = dict(batch_size=8, weight_decay=0.0, seed=0, device="cpu")
-    along = {s: transfer.finetune_predict(m, task.test_act, "cpu")
-             for s, m in transfer.finetune_runs(task.act, task.y, task.make_tail, 4, 6, lr=1e-2, checkpoints=[30, 3, 12], **kw)}
-    assert sorted(along) == [3, 12, 30]
-    for s in (3, 12, 30):
-        (_, m), = transfer.finetune_runs(task.act, task.y, task.make_tail, 4, 6, lr=1e-2, checkpoints=[s], **kw)
-        assert torch.equal(along[s], transfer.finetune_predict(m, task.test_act, "cpu")), s
-    assert not torch.equal(along[3], along[30])
+        grid_rows = r["sk_grid"] if method == "sk" else r["selection_scores"]
+        assert m["select_s"] > 0 and m["settings_tried"] == len(grid_rows) == sizes[method], r
+        assert m["val_acc"] == max(e["val_acc"] for e in grid_rows)
+    for key in {(r["keys"]["setting"], r["keys"]["shots"]) for r in rec["rows"]}:
+        chose = {r["info"]["selection"] for r in rec["rows"]
+                 if (r["keys"]["setting"], r["keys"]["shots"]) == key and r["metrics"]["settings_tried"] > 1}
+        assert len(chose) <= 1, (key, chose)
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -401,28 +265,29 @@ def test_comparisons_pair_seeds_and_quote_fine_tuning_minus_sk_at_each_n():
     for i in range(3):
         accs = {}
         for n in sk_acc:
-            accs[(s, n, "sk")] = sk_acc[n][i]
-            accs[(s, n, "finetune")] = sk_acc[n][i] + ft_gap[n]  # the same gap in every seed: a point CI
+            accs[(s, n, "sk")] = sk_acc[n][i]  # probes in the runner's order: methods come in record order
             accs[(s, n, "knn")] = sk_acc[n][i] - 0.01 * (i + 1)  # gaps 1, 2, 3 points
+            accs[(s, n, "finetune")] = sk_acc[n][i] + ft_gap[n]  # the same gap in every seed: a point CI
         recs.append(_record(i, accs))
-    lines = transfer.comparisons(recs)
+    lines = report.comparisons(recs)
     text = "\n".join(lines)
     assert f"- `{s}`, fine-tuning − SK at each n (shots a class in brackets), in points: +2.45 (5), +0.69 (100), −0.42 (all)" in lines
-    assert "SK − fine-tuning −2.45 [−2.45, −2.45]" in text
-    (five,) = [line for line in lines if line.startswith(f"- `{s}`, 5 shots a class, 3 seeds:")]
-    assert "SK − k-NN +2.00 [+1.00, +3.00]" in five  # mean of the paired gaps; CI within their range
-    assert f"- `{s}`, range of SK − method over n, in points: k-NN 2.00 (over n = 5, 100, all); " \
+    # one row per (probe, n), Holm-adjusted over the setting's 6 comparisons, each with its seeds and verdict
+    rows = [line for line in lines if line.startswith("  - `")]
+    assert len(rows) == 6 and all("Holm over 6" in r and "n = 3 seeds" in r for r in rows)
+    # the same gap in every seed: a zero-width interval, separated
+    assert "  - `SK − fine-tuning, 5 shots a class`: −2.45 [−2.45, −2.45] points, n = 3 seeds" in text
+    assert [r for r in rows if r.startswith("  - `SK − fine-tuning, 5 shots")][0].endswith("**worse**")
+    (five,) = [r for r in rows if r.startswith("  - `SK − k-NN, 5 shots a class`")]
+    assert five.startswith("  - `SK − k-NN, 5 shots a class`: +2.00 [")  # the mean of the paired gaps 1, 2, 3
+    assert f"- `{s}`, range of SK − probe over n, in points: k-NN 2.00 (over n = 5, 100, all); " \
            f"fine-tuning −2.45–0.42 (over n = 5, 100, all)" in lines
-    assert "all (400 a class), 3 seeds" in text
+    # the claim rests on SK − linear and SK − fine-tuning at the few-label n (here 5): fine-tuning wins there
+    (claim,) = [line for line in lines if line.startswith("- **Claim**")]
+    assert "**Verdict: contradicted**" in claim and "`SK − fine-tuning, 5 shots a class` (worse)" in claim
+    assert "`all (400 a class)`" not in text and "SK − k-NN, all (400 a class)" in text
     # one seed: the difference without a CI
-    assert "SK − k-NN +1.00 (one seed: no CI)" in "\n".join(transfer.comparisons(recs[:1]))
-
-
-def test_paired_ci_brackets_the_mean_and_needs_two_seeds():
-    mean, lo, hi = transfer.paired_ci([0.01, 0.03, -0.02, 0.05, 0.02])
-    assert mean == pytest.approx(0.018) and -0.02 <= lo < mean < hi <= 0.05
-    mean, lo, hi = transfer.paired_ci([0.04])
-    assert mean == pytest.approx(0.04) and math.isnan(lo) and math.isnan(hi)
+    assert "`SK − k-NN, 5 shots a class`: +1.00 points (one seed: no CI), n = 1 seed" in "\n".join(report.comparisons(recs[:1]))
 
 
 # ----------------------------------------------------------------------------- paper paths, offline
@@ -432,7 +297,7 @@ def _paper_cfg(tmp_path, *overrides):
         return compose(config_name="config", overrides=[
             "+exp=transfer", "profile=smoke", "logger=none", f"paths.root={ROOT}", f"paths.results={tmp_path}/results",
             f"paths.cache={tmp_path}/cache", f"data.root={tmp_path}/data", "data.download=false", "exp.within=false",
-            "backbone.img_size=32", "exp.shots=[1,5,all]", "exp.finetune_shots=[5,all]", *overrides])
+            "backbone.img_size=32", "exp.shots=[1,5,all]", *overrides])
 
 
 @pytest.mark.parametrize("backbone,data", [("efficientnet_lite0", "cifar10"), ("timm", "cifar100")])
@@ -445,7 +310,7 @@ def test_paper_path_runs_offline_on_fake_cifar(tmp_path, monkeypatch, backbone, 
     write_fake_cifar(tmp_path / "data", data, *per_class)
     steps = {"cifar10": "[10,30]", "cifar100": "[20,60]"}[data]  # a new 100-class head needs more steps
     extra = [f"exp.pool_per_class={per_class[0]}", f"exp.test_per_class={per_class[1]}",
-             "exp.finetune_lr_grid=[1.0e-3,1.0e-2]", f"exp.finetune_steps_grid={steps}"]
+             "probe.finetune.grid.lr=[1.0e-3,1.0e-2]", f"probe.finetune.grid.steps={steps}"]
     if backbone == "timm":
         ckpt = write_timm_checkpoint(tmp_path / "vit.pth", img_size=32)
         extra += ["backbone=timm", f"backbone.model={TIMM_MODEL}", f"backbone.checkpoint_path={ckpt}"]
@@ -459,20 +324,20 @@ def test_paper_path_runs_offline_on_fake_cifar(tmp_path, monkeypatch, backbone, 
     for n in (1, 5, "all"):
         for m in ("sk", "knn", "ncm", "linear"):
             assert (n, m) in got, (n, m)
-    assert (1, "finetune") not in got and {(5, "finetune"), ("all", "finetune")} <= set(got)
+    assert {(1, "finetune"), (5, "finetune"), ("all", "finetune")} <= set(got)
     assert got[("all", "knn")]["metrics"]["per_class"] == per_class[0]
     for n in (5, "all"):  # each class has its own colour: every method reads it (chance: 1 / classes)
         for m in ("sk", "knn", "ncm", "linear"):
             assert got[(n, m)]["metrics"]["test_acc"] >= 0.6, (n, m, got[(n, m)]["metrics"])
         # a few dozen steps of a new classifier: far above chance, if not yet as good
         assert got[(n, "finetune")]["metrics"]["test_acc"] >= 0.3, got[(n, "finetune")]["metrics"]
-    assert got[("all", "finetune")]["info"]["chosen"].startswith("rule=val")
+    assert got[("all", "finetune")]["info"]["selection"].startswith("3-fold ")
     _check_selection_cost(rec)
     assert int(got[("all", "sk")]["info"]["feature_dim"]) == (64 if backbone == "timm" else FEATURE_DIM)
     assert rec["config"]["data"]["name"] == data and rec["config"]["backbone"]["img_size"] == 32
     if backbone == "timm":
         assert rec["config"]["backbone"]["checkpoint_path"] == str(ckpt)
-    assert len(transfer.comparisons([rec])) >= 4
+    assert len(report.comparisons([rec])) >= 4
 
 
 def test_paper_profile_leaves_threads_to_torch_and_keeps_the_grids():
@@ -481,8 +346,8 @@ def test_paper_profile_leaves_threads_to_torch_and_keeps_the_grids():
         quick = compose(config_name="config", overrides=["+exp=transfer"])
     assert paper.threads is None and quick.threads == 1  # the overlay's one CPU thread is for the shared CPU
     for cfg in (paper, quick):
-        assert len(cfg.exp.finetune_lr_grid) >= 3 and len(cfg.exp.finetune_steps_grid) >= 3
-        assert len(cfg.exp.linear_c_grid) >= 3
+        assert len(cfg.probe.finetune.grid.lr) >= 3 and len(cfg.probe.finetune.grid.steps) >= 3
+        assert len(cfg.probe.linear.grid.C) >= 3 and len(cfg.probe.knn.grid.k) >= 3
 
 
 def test_timm_vit_splits_at_its_last_block_for_fine_tuning(tmp_path):
@@ -511,7 +376,7 @@ def test_timm_vit_splits_at_its_last_block_for_fine_tuning(tmp_path):
     # fine-tuning trains a copy of the tail: the backbone (and the cached activations' trunk) stay as they were
     before = {k: v.clone() for k, v in model.state_dict().items()}
     y = torch.tensor([0, 1, 2])
-    (_, tuned), = transfer.finetune_runs(act, y, lambda: copy.deepcopy(model).split_last_block()[1], 3, 64, lr=1e-2,
+    (_, tuned), = finetune_runs(act, y, lambda: copy.deepcopy(model).split_last_block()[1], 3, 64, lr=1e-2,
                                          checkpoints=[5], batch_size=3, weight_decay=0.0, seed=0, device="cpu")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not torch.equal(tuned[0].parts[0].attn.qkv.weight, vit.blocks[-1].attn.qkv.weight)

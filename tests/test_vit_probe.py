@@ -14,6 +14,7 @@ from experiments.backbones import create
 from experiments.backbones.vit import block_hooks
 from experiments.core import probes
 from experiments.core.data import train_val_split
+from experiments.reports import vit_probe as report
 from experiments.core.runner import run_experiment
 from paper_fixtures import TIMM_MODEL, allow_fake_cifar, refuse_network, write_fake_cifar, write_timm_checkpoint
 
@@ -21,14 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny offline setting: digits (8x8, resized to 28), a 2-block ViT, one pretraining epoch, short probes.
 TINY_GROUPS = ["logger=none", "data=digits", "backbone.depth=2", "backbone.embed_dim=32", "backbone.num_heads=2"]
-TINY_EXP = {"pretrain.epochs": 1, "pretrain.per_class": None, "probe_labelled": 150, "probe_test": 100,
-            "linear_c_grid": [0.1, 10.0], "linear_max_iter": 20,
-            }
+TINY_EXP = {"pretrain.epochs": 1, "pretrain.per_class": None, "probe_labelled": 150, "probe_test": 100}
+TINY_PROBES = {"linear.grid.C": [0.1, 10.0], "linear.max_iter": 20, "knn.grid.k": [5, 20], "knn.grid.temperature": [0.07]}
 TINY_SK_GRID = {"k": [5, 10], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}
 TINY_CLI = TINY_GROUPS + [
     "exp.pretrain.epochs=1", "exp.pretrain.per_class=null", "exp.probe_labelled=150", "exp.probe_test=100",
-    "exp.linear_c_grid=[0.1,10.0]", "exp.linear_max_iter=20",
-    "sk.grid={k:[5,10],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1.0e-3]}"]
+    "probe.linear.grid.C=[0.1,10.0]", "probe.linear.max_iter=20", "probe.knn.grid.k=[5,20]",
+    "probe.knn.grid.temperature=[0.07]", "sk.grid={k:[5,10],kernel:[gaussian],lengthscale_mult:[1.0],ridge:[1.0e-3]}"]
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -39,6 +39,8 @@ def tiny_cfg(tmp_path, *extra):
             f"paths.cache={tmp_path}/cache", *TINY_GROUPS, *extra])
     for key, value in TINY_EXP.items():
         OmegaConf.update(cfg, f"exp.{key}", value, merge=False)
+    for key, value in TINY_PROBES.items():
+        OmegaConf.update(cfg, f"probe.{key}", value, merge=False)
     OmegaConf.update(cfg, "sk.grid", TINY_SK_GRID, merge=False)
     return cfg
 
@@ -107,12 +109,14 @@ def test_each_probe_reaches_100_percent_on_separable_data():
     x = centers[y] + 0.5 * torch.randn(len(y), 16, generator=g)
     lab = torch.arange(len(y)) % 3 != 0
     fit_idx, val_idx = train_val_split(int(lab.sum()), 0.25, g)
-    sk_kw = {"k": 8, "kernel": "gaussian", "lengthscale": "auto", "ridge": 1e-3, "normalize": True, "backend": "torch",
-             "grid": {"k": [4, 8], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]}}
-    results = vp.run_probes(x[lab], y[lab], x[~lab], y[~lab], 4, fit_idx, val_idx, sk=sk_kw,
-                            c_grid=[0.01, 1.0, 100.0], max_iter=50, knn_k=5, knn_temperature=0.07)
-    assert [r.name for r in results] == ["linear", "knn", "sk"]
-    assert all(r.test_acc == 1.0 for r in results), [(r.name, r.test_acc) for r in results]
+    options = {"linear": {"grid": {"C": [0.01, 1.0, 100.0]}, "default": {"C": 1.0}, "max_iter": 50},
+               "knn": {"grid": {"k": [5, 10], "temperature": [0.07]}, "default": {"k": 5, "temperature": 0.07}},
+               "sk": {"grid": {"k": [4, 8], "kernel": ["gaussian"], "lengthscale_mult": [1.0], "ridge": [1e-3]},
+                      "default": {"k": 8, "kernel": "gaussian", "lengthscale": "auto", "ridge": 1e-3}}}
+    task = probes.ProbeTask(x[lab], y[lab], x[~lab], y[~lab], 4, probes.holdout(fit_idx, val_idx))
+    results = {name: probes.run_probe(name, task, opts) for name, opts in options.items()}
+    assert all(r.test_acc == 1.0 for r in results.values()), [(n, r.test_acc) for n, r in results.items()]
+    assert len({r.selection for r in results.values()}) == 1 and results["sk"].selection.startswith("holdout ")
 
 
 def test_probe_sets_are_disjoint_and_drawn_by_the_seed():
@@ -127,48 +131,35 @@ def test_probe_sets_are_disjoint_and_drawn_by_the_seed():
         vp.draw_probe_sets("test", 1000, 300, 200, 120, torch.Generator().manual_seed(0))
 
 
-def test_all_probes_get_the_same_split_and_features_and_the_seed_leaves_pretraining_alone(tmp_path, monkeypatch):
-    calls: list[tuple[str, dict]] = []
+def test_all_probes_get_the_same_split_and_features_and_each_seed_pretrains_its_own_vit(tmp_path, monkeypatch):
+    calls: list[tuple[str, probes.ProbeTask]] = []
+    real = vp.run_probe
 
-    def recorder(name, real):
-        def probe(train_x, train_y, test_x, test_y, num_classes, *args, **kwargs):
-            seen = {"train_x": train_x.clone(), "train_y": train_y.clone(), "test_x": test_x.clone(),
-                    "test_y": test_y.clone()}
-            if name in ("linear", "sk"):
-                fit, val = (kwargs["fit_idx"], kwargs["val_idx"]) if name == "sk" else (args[0], args[1])
-                seen.update(fit_idx=fit.clone(), val_idx=val.clone())
-            calls.append((name, seen))
-            return real(train_x, train_y, test_x, test_y, num_classes, *args, **kwargs)
-        return probe
+    def recorder(name, task, options):
+        calls.append((name, task))
+        return real(name, task, options)
 
-    monkeypatch.setattr(vp, "linear_probe", recorder("linear", probes.linear_probe))
-    monkeypatch.setattr(vp, "knn_probe", recorder("knn", probes.knn_probe))
-    monkeypatch.setattr(vp, "sk_probe", recorder("sk", probes.sk_probe))
+    monkeypatch.setattr(vp, "run_probe", recorder)
     for seed in (0, 1):
         run_experiment(tiny_cfg(tmp_path, f"seed={seed}"))
 
     jobs = 2 * 2  # blocks x tokens
-    assert len(calls) == 2 * jobs * 4  # seeds x jobs x (linear, knn, sk, knn on the validation split)
-    per_seed = [calls[:jobs * 4], calls[jobs * 4:]]
+    assert len(calls) == 2 * jobs * 3  # seeds x jobs x (linear, knn, sk)
+    per_seed = [calls[:jobs * 3], calls[jobs * 3:]]
     for seed_calls in per_seed:
         for j in range(jobs):
-            (n1, lin), (n2, knn), (n3, skp), (n4, knn_val) = seed_calls[4 * j: 4 * j + 4]
-            assert (n1, n2, n3, n4) == ("linear", "knn", "sk", "knn")
-            for key in ("train_x", "train_y", "test_x", "test_y"):
-                assert torch.equal(lin[key], knn[key]) and torch.equal(lin[key], skp[key]), key
-            assert torch.equal(lin["fit_idx"], skp["fit_idx"]) and torch.equal(lin["val_idx"], skp["val_idx"])
-            assert torch.equal(knn_val["train_x"], lin["train_x"][lin["fit_idx"]])
-            assert torch.equal(knn_val["test_x"], lin["train_x"][lin["val_idx"]])
-            assert lin["train_x"].shape == (150, 32) and lin["test_x"].shape == (100, 32)
+            (n1, lin), (n2, knn), (n3, skp) = seed_calls[3 * j: 3 * j + 3]
+            assert (n1, n2, n3) == ("linear", "knn", "sk")
+            assert lin is knn is skp  # one task: the same features, labels, split and test set for every probe
+            assert lin.x.shape == (150, 32) and lin.test_x.shape == (100, 32) and lin.selection.rule == "holdout"
             # one split per seed, shared by every (block, token)
-            assert torch.equal(lin["fit_idx"], seed_calls[0][1]["fit_idx"])
-            assert torch.equal(lin["train_y"], seed_calls[0][1]["train_y"])
-        assert not torch.equal(seed_calls[0][1]["train_x"], seed_calls[8][1]["train_x"])  # block 1 vs block 2
-    # the seed redraws the probe data ...
-    assert not torch.equal(per_seed[0][0][1]["train_y"], per_seed[1][0][1]["train_y"])
-    # ... but not the pretraining: one cached checkpoint and one feature entry serve both seeds
-    assert len(list((tmp_path / "cache" / "vit_tiny28_pretrain").glob("*.pt"))) == 1
-    assert len(list((tmp_path / "cache" / "vit_probe_features").glob("*.pt"))) == 1
+            assert lin.selection.fingerprint() == seed_calls[0][1].selection.fingerprint()
+            assert torch.equal(lin.y, seed_calls[0][1].y)
+        assert not torch.equal(seed_calls[0][1].x, seed_calls[6][1].x)  # block 1 vs block 2
+    # the seed redraws the probe data, and pretrains its own ViT (exp.pretrain.seed: null)
+    assert not torch.equal(per_seed[0][0][1].y, per_seed[1][0][1].y)
+    assert len(list((tmp_path / "cache" / "vit_tiny28_pretrain").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "vit_probe_features").glob("*.pt"))) == 2
 
     recs = records(tmp_path)
     assert sorted(r["seed"] for r in recs) == [0, 1]
@@ -180,28 +171,27 @@ def test_all_probes_get_the_same_split_and_features_and_the_seed_leaves_pretrain
             assert row["info"]["chosen"]
             acc = row["metrics"]["test_acc"]
             assert abs(100 * acc - round(100 * acc)) < 1e-4, row  # a count of the 100 probe test images
-        _check_selection(rec, n_c=2, n_sk=2)
+        _check_selection(rec, n_c=2, n_sk=2, n_knn=2)
         assert rec["summary"]["probe_split"] == "test" and rec["summary"]["n_labelled"] == 150
         # digits through a ViT pretrained for one epoch on 5 classes: the best probe is well above chance (0.1)
         assert max(r["metrics"]["test_acc"] for r in rec["rows"]) >= 0.3
     png = tmp_path / "vit_probe.png"
-    vp.make_figure(recs, png)
+    report.make_figure(recs, png)
     assert png.stat().st_size > 1000
 
 
-def _check_selection(rec: dict, n_c: int, n_sk: int) -> None:
-    """Selection costs and SK's grid in every row; the headline picked by validation, not by test."""
+def _check_selection(rec: dict, n_c: int, n_sk: int, n_knn: int) -> None:
+    """Selection costs and SK's grid in every row, every probe choosing on the same split; the headline
+    picked by validation, not by test."""
     for row in rec["rows"]:
         m, probe = row["metrics"], row["keys"]["probe"]
-        if probe == "knn":  # nothing chosen
-            assert (m["select_s"], m["settings_tried"]) == (0.0, 1) and "sk_grid" not in row
-        elif probe == "linear":
-            assert m["settings_tried"] == n_c and 0 < m["select_s"] <= m["fit_s"] and "sk_grid" not in row
-        else:
-            assert m["settings_tried"] == len(row["sk_grid"]) == n_sk and m["select_s"] > 0
-            assert m["val_acc"] == max(e["val_acc"] for e in row["sk_grid"])
-            assert all({"k", "kernel", "lengthscale_mult", "ridge", "val_acc"} <= set(e) for e in row["sk_grid"])
-    for probe in vp.PROBES:
+        grid = row["sk_grid"] if probe == "sk" else row["selection_scores"]
+        assert m["settings_tried"] == len(grid) == {"linear": n_c, "knn": n_knn, "sk": n_sk}[probe], probe
+        assert 0 < m["select_s"] <= m["fit_s"] and m["val_acc"] == max(e["val_acc"] for e in grid), probe
+    assert all({"k", "kernel", "lengthscale_mult", "ridge", "val_acc"} <= set(e)
+               for r in rec["rows"] if r["keys"]["probe"] == "sk" for e in r["sk_grid"])
+    assert len({r["info"]["selection"] for r in rec["rows"]}) == 1
+    for probe in ("linear", "knn", "sk"):
         mine = [r for r in rec["rows"] if r["keys"]["probe"] == probe]
         by_val = max(mine, key=lambda r: r["metrics"]["val_acc"])  # ties: the first in row order, as the summary
         assert rec["summary"][f"{probe}_selected_test_acc"] == by_val["metrics"]["test_acc"]
@@ -227,21 +217,27 @@ def test_comparisons_quote_ranges_and_the_validation_selected_headline():
             (1, "cls", "knn"): (0.6500 + shift, 0.70),
             (2, "cls", "linear"): (0.8000 + shift, 0.85), (2, "cls", "sk"): (0.7764 + shift, 0.95),
             (2, "cls", "knn"): (0.7000 + shift, 0.60)}, select={"linear": 2.0, "sk": 3.0}))
-    lines = vp.comparisons(recs)
+    lines = report.comparisons(recs)
     assert lines[0] == ("- linear − SK test accuracy over the 2 feature sets (2 blocks × 1 token), each the mean over "
                         "2 seeds, in points: 0.04–2.36 (smallest at block 1 cls, largest at block 2 cls)")
     assert lines[1].endswith("in points: 4.96–7.64 (smallest at block 1 cls, largest at block 2 cls)")
-    # chosen by validation: linear and k-NN at block 1, SK at block 2, whatever the test accuracy says
+    # chosen by validation: linear and k-NN at block 1, SK at block 2, whatever the test accuracy says (probes in
+    # the records' row order)
     assert lines[2] == ("- Validation-selected headline (each seed's (block, token) with the best validation accuracy; "
                         "test accuracy mean ± std over 2 seeds): linear 71.00 ± 1.41 % (block 1 cls in 2 of 2); "
-                        "k-NN 66.00 ± 1.41 % (block 1 cls in 2 of 2); SK 78.64 ± 1.41 % (block 2 cls in 2 of 2)")
-    assert lines[3] == ("- Selection cost (seconds choosing hyperparameters on the validation split, summed over the 2 "
+                        "SK 78.64 ± 1.41 % (block 2 cls in 2 of 2); k-NN 66.00 ± 1.41 % (block 1 cls in 2 of 2)")
+    # the headlines paired over seeds: SK − linear (+7.64, +7.64: a zero-width interval) and SK − k-NN, Holm over 2
+    assert lines[3].startswith("- Paired differences of the validation-selected headlines")
+    assert lines[4] == ("  - `sk − linear (selected)`: +7.64 [+7.64, +7.64] points, n = 2 seeds (paired t, Holm over 2, "
+                        "95 % family-wise): **better**")
+    assert lines[6].startswith("- **Claim** (the paper's): SK probes") and "**Verdict: held**" in lines[6]
+    assert lines[7] == ("- Selection cost (seconds choosing hyperparameters on the validation split, summed over the 2 "
                         "feature sets, mean over seeds): SK 6 s (72 settings a feature set), linear 4 s (12 values of C): "
                         "SK 1.50× the linear probe's")
     # a negative end keeps its minus sign
     flipped = [_rec(0, {(1, "mean", "linear"): (0.70, 0.5), (1, "mean", "sk"): (0.71, 0.5),
                         (2, "mean", "linear"): (0.80, 0.5), (2, "mean", "sk"): (0.78, 0.5)})]
-    assert "in points: −1.00–2.00" in vp.comparisons(flipped)[0]
+    assert "in points: −1.00–2.00" in report.comparisons(flipped)[0]
 
 
 def test_cli_run_writes_a_record(cli, tmp_path):
@@ -293,8 +289,9 @@ def test_paper_path_probes_a_local_timm_checkpoint_on_fake_cifar(tmp_path, monke
     assert (rec["summary"]["n_labelled"], rec["summary"]["n_test"]) == (n_train, n_test)
     assert {(r["keys"]["block"], r["keys"]["token"]) for r in rec["rows"]} == {(b, t) for b in (1, 6) for t in ("cls", "mean")}
     assert rec["config"]["backbone"]["checkpoint_path"] == str(ckpt) and rec["config"]["data"]["name"] == data
-    _check_selection(rec, n_c=len(cfg.exp.linear_c_grid),
-                     n_sk=len(cfg.sk.grid.k) * len(cfg.sk.grid.kernel) * len(cfg.sk.grid.lengthscale_mult) * len(cfg.sk.grid.ridge))
+    _check_selection(rec, n_c=len(cfg.probe.linear.grid.C),
+                     n_sk=len(cfg.sk.grid.k) * len(cfg.sk.grid.kernel) * len(cfg.sk.grid.lengthscale_mult) * len(cfg.sk.grid.ridge),
+                     n_knn=len(cfg.probe.knn.grid.k) * len(cfg.probe.knn.grid.temperature))
     for r in rec["rows"]:
         acc = r["metrics"]["test_acc"]
         assert abs(n_test * acc - round(n_test * acc)) < 1e-4, r
@@ -302,5 +299,5 @@ def test_paper_path_probes_a_local_timm_checkpoint_on_fake_cifar(tmp_path, monke
     for probe in ("linear", "knn", "sk"):
         (row,) = [r for r in rec["rows"] if r["keys"] == {"block": 1, "token": "mean", "probe": probe}]
         assert row["metrics"]["test_acc"] >= 0.6, (probe, row["metrics"])
-    lines = vp.comparisons([rec])
-    assert len(lines) == 4 and "Validation-selected headline" in lines[2]
+    lines = report.comparisons([rec])
+    assert len(lines) == 8 and "Validation-selected headline" in lines[2] and lines[6].startswith("- **Claim**")

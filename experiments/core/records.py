@@ -95,6 +95,27 @@ def describe_machine(m: dict[str, Any]) -> str:
     return f"CPU {m.get('cpu')} ({m.get('torch_threads')} torch threads of {m.get('cpu_count')} cores)"
 
 
+# Timings taken while other work shared the cores are flagged: a run is contaminated when the 1-minute
+# load average at its start or at its end exceeds the threads the run itself uses by more than this.
+LOAD_MARGIN = 0.5
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15-minute load averages (``os.getloadavg``), or None where the system keeps none."""
+    try:
+        return tuple(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def load_contaminated(readings: list[tuple[float, float, float] | None], threads: int) -> bool | None:
+    """Whether timings taken between these load readings (e.g. at start and at end) are contaminated:
+    some 1-minute load average above ``threads + LOAD_MARGIN``. None when a reading is missing."""
+    if any(r is None for r in readings):
+        return None
+    return any(r[0] > threads + LOAD_MARGIN for r in readings)
+
+
 def config_id(config: dict[str, Any]) -> str:
     """Hash of a run's configuration without what does not change its result: the seed, where the
     repository, data and outputs live (absolute paths differ between clones and machines), logging."""

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.core.cache import FeatureCache
 from experiments.core.logging import make_logger
 from experiments.core.progress import progress
-from experiments.core.records import atomic_write_json, config_id, git_commit, machine_info
+from experiments.core.records import atomic_write_json, config_id, git_commit, load_average, machine_info
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -69,8 +69,8 @@ class RunContext:
         return torch.Generator().manual_seed(self.seed + offset)
 
 
-def _hydra_info() -> tuple[str, str, str | None]:
-    """(command, output dir, sweep id or None) of the current Hydra job."""
+def _hydra_info() -> tuple[str, str, str | None, int]:
+    """(command, output dir, sweep id or None, jobs the launcher runs at a time) of the current Hydra job."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -82,9 +82,10 @@ def _hydra_info() -> tuple[str, str, str | None]:
         if hc.mode == RunMode.MULTIRUN:
             sweep = Path(hc.sweep.dir).name.replace(os.sep, "-")
             sweep = f"{Path(hc.sweep.dir).parent.name}_{sweep}"
-        return command, out, sweep
+        jobs = int(hc.launcher.get("n_jobs") or 1) if hc.mode == RunMode.MULTIRUN else 1
+        return command, out, sweep, max(jobs, 1)
     except (ValueError, ImportError):
-        return "python " + " ".join(sys.argv), os.getcwd(), None
+        return "python " + " ".join(sys.argv), os.getcwd(), None, 1
 
 
 def run_experiment(cfg: DictConfig) -> float | None:
@@ -93,6 +94,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     name = cfg.exp.get("name")
     if name not in known_experiments():
         raise ValueError(f"unknown experiment {name!r}: known are " + ", ".join(known_experiments()))
+    check_profile(str(cfg.get("profile")), name)
     OmegaConf.resolve(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -101,7 +103,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
     module = importlib.import_module(f"experiments.{name}")
     check_objective(cfg.get("objective"), module, name)
 
-    command, out_dir, sweep = _hydra_info()
+    command, out_dir, sweep, jobs = _hydra_info()
+    load_start = load_average()
     config = OmegaConf.to_container(cfg, resolve=True)
     group = f"{name}-{sweep}" if sweep else name
     logger = make_logger(cfg.logger, group=group, name=f"{name}-seed{cfg.seed}", config=config)
@@ -131,6 +134,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
         "machine": machine_info(device),
         "started_utc": started.isoformat(timespec="seconds"),
         "duration_s": round(duration, 3),
+        # Timings are clean when nothing else ran: the load may reach the sweep's own threads (threads x jobs)
+        "load": {"start": load_start, "end": load_average(), "own_threads": torch.get_num_threads() * jobs},
         "command": command,
         "wandb_group": group if cfg.logger.name != "none" else None,
     }
@@ -147,6 +152,18 @@ def run_experiment(cfg: DictConfig) -> float | None:
                              f"{sorted(result.get('summary', {}))}")
         return float(result["summary"][objective])
     return None
+
+
+GENERAL_PROFILES = ("quick", "smoke", "paper")  # every experiment has them (its own file may add settings)
+
+
+def check_profile(profile: str, name: str) -> None:
+    """Refuse a profile the experiment does not have: quick, smoke and paper are every experiment's (a missing
+    configs/profile/<exp>/<profile>.yaml means the overlay's own settings); any other needs its file."""
+    if profile not in GENERAL_PROFILES and not (CONFIG_DIR / "profile" / name / f"{profile}.yaml").exists():
+        have = sorted({*GENERAL_PROFILES, *(p.stem for p in (CONFIG_DIR / "profile" / name).glob("*.yaml"))})
+        raise ValueError(f"profile={profile!r} has no settings for experiment {name!r} "
+                         f"(configs/profile/{name}/{profile}.yaml); its profiles: {', '.join(have)}")
 
 
 def check_objective(objective: str | None, module: Any, name: str) -> None:
