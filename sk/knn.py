@@ -15,7 +15,10 @@ distances are exact (small integers, the corners of a cube) tie exactly. Backend
   (chunk, N) score block, sized from the device
   (``sk.budget``: 64 MiB on the CPU, up to 768 MiB on a GPU). Scores are float32 for half-precision
   inputs (a half-precision support is converted a block of rows at a time, never copied whole).
-  Ties: ``topk`` does not say which of equal values it keeps, so each chunk asks for k + 1 sorted
+  Ties: on the CPU (float32 and float64 scores, N <= ``sk.select.NUMPY_SELECT_COLS``) each chunk
+  selects with ``sk.select.k_smallest_ordered``, whose keys (a score's float32 bits above its column)
+  rank ties to the lower index exactly: no tie check, no host read. Elsewhere ``topk`` does not say
+  which of equal values it keeps, so each chunk asks for k + 1 sorted
   values and marks the rows where two of them are equal; after the loop (one host synchronisation per
   call, none per chunk) only those rows are redone, keeping and ordering the lower indices first.
 - ``"faiss"``: exact ``IndexFlatL2`` on the CPU (float32), if faiss is installed.
@@ -37,7 +40,7 @@ from torch import Tensor
 
 from .budget import search_rows
 from .precision import HALF, declared_precision
-from .select import k_smallest
+from .select import k_smallest, k_smallest_ordered
 from .validation import as_chunk_size, as_k
 
 __all__ = ["knn_search", "weighted_knn", "auto_lengthscale", "default_chunk_size", "BACKENDS"]
@@ -143,9 +146,13 @@ def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
     if rows >= m and not full and scratch is None and scale is None:
         # One block (small calls): the same steps with fewer operations.
         scores = _scores(z.to(dtype), x, x2, None, None)
-        v, i = k_smallest(scores, k + 1)
-        if bool((v[:, 1:] == v[:, :-1]).any()):    # the call's one synchronisation
-            v, i = _k_smallest_lowest_index(scores, k)
+        ordered = k_smallest_ordered(scores, k)     # ties resolved by the keys: no check, no read
+        if ordered is not None:
+            v, i = ordered
+        else:
+            v, i = k_smallest(scores, k + 1)
+            if bool((v[:, 1:] == v[:, :-1]).any()):    # the call's one synchronisation
+                v, i = _k_smallest_lowest_index(scores, k)
         return (v[:, :k].to(z.dtype) if values else None), i[:, :k]
     # One (rows, N) block for all chunks: a fresh block per chunk costs page faults (measured 20-30%
     # of the matmul) and, on the CPU, glibc's allocator was seen to keep GiBs of freed blocks.
@@ -153,12 +160,16 @@ def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
     vals = torch.empty(m, min(k, n), dtype=dtype, device=z.device)
     idx = torch.empty(m, min(k, n), dtype=torch.long, device=z.device)
     tied = None if full else torch.empty(m, dtype=torch.bool, device=z.device)
+    unordered = False          # a chunk selected without ``k_smallest_ordered``: its ties are checked
     for start in range(0, m, rows):
         stop = min(start + rows, m)
         zc = z[start:stop].to(dtype)
         scores = _scores(zc, x, x2, block[:stop - start], scratch, scale)
         if full:
             v, i = torch.sort(scores, dim=1, stable=True)
+        elif (ordered := k_smallest_ordered(scores, k)) is not None:    # ties resolved by the keys
+            v, i = ordered
+            tied[start:stop] = False
         else:
             # topk does not promise which of equal values it keeps, nor their order. Asking for k + 1
             # sorted values shows every tie that matters (equal neighbours among the k + 1, across the
@@ -166,9 +177,10 @@ def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
             v, i = k_smallest(scores, k + 1)
             torch.any(v[:, 1:] == v[:, :-1], dim=1, out=tied[start:stop])
             v, i = v[:, :k], i[:, :k]
+            unordered = True
         vals[start:stop] = v
         idx[start:stop] = i
-    redo = tied.nonzero().squeeze(1) if tied is not None else idx[:0, 0]     # the call's one synchronisation
+    redo = tied.nonzero().squeeze(1) if unordered else idx[:0, 0]     # the call's one synchronisation
     if redo.numel():
         per = max(1, rows // 3)                    # the int64 keys take twice the scores' bytes
         for s in range(0, redo.shape[0], per):

@@ -243,9 +243,11 @@ def sparse_krr_core(z: Tensor, x: Tensor, y: Tensor, idx: Tensor, kern: type[Ker
 class _SelectedSqDists(torch.autograd.Function):
     r"""d_{mj} = ||z_m - x_{I_{mj}}||^2 (M, k) for the selected neighbours only: the values come from the
     search (computed once, in float64, without graph), the gradient is 2 \sum_j g_{mj} (z_m - x_{I_{mj}}),
-    formed in z's dtype from the k gathered neighbours, a block of rows at a time. A gather from a (rows, N)
-    score block that carries a graph would keep each whole block for backward and make the backward dense
-    in N (an (M, N) gradient and an (M, N) x (N, d) product)."""
+    formed in z's dtype. A gather from a (rows, N) score block that carries a graph would keep each whole
+    block for backward and make the backward dense in N (an (M, N) gradient and an (M, N) x (N, d) product).
+    The backward's \sum_j g_{mj} x_{I_{mj}} is one ``embedding_bag`` (a weighted sum of the k rows per query):
+    it never forms the (M, k, d) gathered block, whose fresh memory alone (page faults) cost more than the
+    arithmetic in small calls."""
 
     @staticmethod
     def forward(z: Tensor, x: Tensor, idx: Tensor, d2: Tensor) -> Tensor:
@@ -259,14 +261,8 @@ class _SelectedSqDists(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         z, x, idx = ctx.saved_tensors
-        m, k = idx.shape
-        rows = local_rows(m, k * x.shape[1] * x.element_size(), z.device)
-        parts = []
-        for s in range(0, m, rows):
-            i, g, zs = (idx, grad, z) if rows >= m else (idx[s:s + rows], grad[s:s + rows], z[s:s + rows])
-            pulled = torch.bmm(g.unsqueeze(1), _gather(x, i)).squeeze(1)                 # sum_j g_j x_j
-            parts.append(torch.addcmul(pulled, g.sum(1, keepdim=True), zs, value=-1.0))
-        return -2.0 * (parts[0] if len(parts) == 1 else torch.cat(parts)), None, None, None
+        pulled = torch.nn.functional.embedding_bag(idx, x, per_sample_weights=grad.contiguous(), mode="sum")
+        return torch.addcmul(pulled, grad.sum(1, keepdim=True), z, value=-1.0).mul(-2.0), None, None, None
 
 
 def support_krr_core(z: Tensor, sup: PrecomputedSupport, y: Tensor, indices: Tensor | None, need: int,

@@ -65,7 +65,7 @@ from torch import Tensor
 
 from .index import attach_index
 from .functions import outside_transforms
-from .select import NUMPY_SELECT_COLS, NUMPY_SELECT_ROWS, k_smallest  # noqa: F401 - re-exported
+from .select import NUMPY_SELECT_COLS, NUMPY_SELECT_ROWS, k_smallest, k_smallest_ordered  # noqa: F401 - re-exported
 from .kernels import Kernel
 from .precision import declared_precision, work_dtype
 
@@ -218,7 +218,8 @@ class PrecomputedSupport:
         ``xc``, ``sqn``: the support and its squared norms in zc's dtype. The computed distance is
         ||x_j||^2 - 2 z.x_j + ||z||^2 clamped at 0, from the same matmul as ``sk.knn_search``, ranked as the
         contract says: among equal computed distances the lower index wins. One (rows, N) block at a time;
-        one host synchronisation (for ties). ``values=False``: the distances are not returned (None)."""
+        one host synchronisation (for ties), none when one block's selection orders its ties itself
+        (``sk.select.k_smallest_ordered``, CPU). ``values=False``: the distances are not returned (None)."""
         if self.index is not None and need < self.n:   # the neighbours of the support's faiss index
             return self.index.support_search(zc, need, xc, sqn, values)
         m, n = zc.shape[0], self.n
@@ -229,9 +230,13 @@ class PrecomputedSupport:
             idx = torch.arange(n, device=zc.device).expand(m, n)
             return idx, _cat([_distance_block(zc, zsq, s, rows, xt, sqn) for s in starts])
         idx_parts, d_parts, tied_parts = [], [], []
+        first = _distance_block(zc, zsq, 0, rows, xt, sqn)
+        ordered = k_smallest_ordered(first, need) if m <= rows else None
+        if ordered is not None:       # ties resolved by the keys: no check, no read
+            return ordered[1], (ordered[0] if values else None)
         for s in starts:
             # k + 1 sorted values show every tie that matters (see sk.knn); tied rows are redone below.
-            v, i = k_smallest(_distance_block(zc, zsq, s, rows, xt, sqn), need + 1)
+            v, i = k_smallest(first if s == 0 else _distance_block(zc, zsq, s, rows, xt, sqn), need + 1)
             tied_parts.append(v[:, 1:] == v[:, :-1])
             idx_parts.append(i[:, :need])
             d_parts.append(v)

@@ -270,3 +270,52 @@ def test_layer_precompute_follows_its_support_and_round_trips():
     learned = sk.SKLayer(x, y, k=6, lengthscale=1.2, learn_representations=True, precompute=True)
     learned(z).sum().backward()                                      # a learned support: the plain path
     assert learned.representations.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_k_smallest_ordered_is_a_stable_sort_of_the_scores(dtype):
+    """The key selection (float32 bits above the column) ranks as a stable sort: ties to the lower column,
+    -0.0 equal to 0.0, rows wider than SORT_COLS (partitioned first) and blocks sliced into key blocks;
+    float64 blocks whose kk + 1 smallest of a row round to one float32 are left to the caller (None)."""
+    select = sk.select
+    g = torch.Generator().manual_seed(8)
+    cases = [torch.rand(64, 256, generator=g, dtype=dtype),
+             torch.rand(3, select.SORT_COLS + 5, generator=g, dtype=dtype),
+             torch.rand(select.KEY_BLOCK_ELEMENTS // 100 + 7, 100, generator=g, dtype=dtype)]
+    for scores in cases:
+        v, i = select.k_smallest_ordered(scores, 9)
+        ref = torch.sort(scores, dim=1, stable=True)
+        assert torch.equal(v, ref.values[:, :9]) and torch.equal(i, ref.indices[:, :9])
+    tied = torch.randint(0, 5, (40, 300), generator=g).to(dtype)
+    tied[0, 3], tied[0, 1] = -0.0, 0.0
+    out = select.k_smallest_ordered(tied, 12)
+    if dtype == torch.float64:
+        assert out is None
+    else:
+        ref = torch.sort(tied, dim=1, stable=True)
+        assert torch.equal(out[0], ref.values[:, :12]) and torch.equal(out[1], ref.indices[:, :12])
+    few = torch.randint(0, 5, (select.SORT_ROWS, 300), generator=g).to(dtype)        # a stable torch.sort
+    v, i = select.k_smallest_ordered(few, 12)
+    ref = torch.sort(few, dim=1, stable=True)
+    assert torch.equal(v, ref.values[:, :12]) and torch.equal(i, ref.indices[:, :12])
+    assert select.k_smallest_ordered(torch.rand(4, 8), 8) is None                       # kk >= N
+    assert select.k_smallest_ordered(torch.rand(4, 8, dtype=torch.float16), 3) is None
+
+
+def test_a_small_call_reads_the_host_only_for_its_factorisations():
+    """At the small-call shape (64 queries, 256 points) the search selects with ordered keys: no tie
+    check, no host read, for the plain tensor and a PrecomputedSupport, ties included (duplicated points);
+    the neighbours are those of the stable reference."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.nn.functional.normalize(torch.randn(128, 32, generator=g), dim=1)
+    x = torch.cat([base, base])                                                          # every point twice
+    z = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=1)
+    y = torch.randn(256, 2, generator=g)
+    ref = torch.sort(((z.double()[:, None] - x.double()[None]) ** 2).sum(-1), dim=1, stable=True).indices[:, :16]
+    assert torch.equal(sk.knn_search(z, x, 16)[1].sort(1).values, ref.sort(1).values)
+    for xs in (x, sk.PrecomputedSupport(x)):
+        with torch.no_grad():
+            counter = OpCounter()
+            with counter:
+                sk.sparse_krr(z, xs, y, k=16, lengthscale=0.5, ridge=1e-3)
+        assert counter.reads <= 2       # the input check's read and the factorisations' flag
