@@ -71,3 +71,32 @@ def test_a_readme_without_the_block_fails(tmp_path):
 def test_the_readme_quotes_the_committed_tables_exactly():
     problems = rr.check((ROOT / "README.md").read_text(), ROOT / "results")
     assert not problems, "\n".join(problems) + "\n(rebuild the tables, then run python scripts/readme_results.py)"
+
+
+TWO_SETTINGS = """# transfer
+
+## Profile `quick`
+
+- Differences in test accuracy, SK − each probe:
+- `a->b`:
+  - `SK − linear, 1 shot a class`: +15.89 [+8.00, +23.79] points, n = 10 seeds (paired t, Holm over 2, 95 % family-wise): **better**
+- `a->b`, range of SK − probe over n: linear 15.89
+- **Claim** (the paper's): (`a->b`) SK transfers. Tested as: each of `SK − linear, 1 shot a class` better. **Verdict: held**, from `SK − linear, 1 shot a class` (better).
+- `c->d`:
+  - `SK − linear, 1 shot a class`: +3.57 [−4.31, +11.45] points, n = 10 seeds (paired t, Holm over 2, 95 % family-wise): **not separated**
+- **Claim** (the paper's): (`c->d`) SK transfers. Tested as: each of `SK − linear, 1 shot a class` better. **Verdict: not shown**, from `SK − linear, 1 shot a class` (not separated).
+"""
+
+
+def test_each_claim_quotes_the_rows_of_its_own_setting_when_settings_share_row_names(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "transfer.md").write_text(TWO_SETTINGS)
+    block = rr.block(results)
+    first, second = block.split("- **Claim**")[1:]
+    assert "row (`a->b`) `SK − linear, 1 shot a class`: +15.89" in first and "+3.57" not in first
+    assert "row (`c->d`) `SK − linear, 1 shot a class`: +3.57" in second and "+15.89" not in second
+    text = f"# SK\n\n{rr.RESULTS_HEADING} (CPU)\n\nNot shown.\n\n{block}\n\n## Tests\n"
+    assert rr.check(text, results) == []
+    swapped = text.replace("+15.89 [+8.00, +23.79]", "X").replace("+3.57 [−4.31, +11.45]", "+15.89 [+8.00, +23.79]")
+    assert rr.check(swapped.replace("X", "+3.57 [−4.31, +11.45]"), results)  # the two settings' rows exchanged
