@@ -11,7 +11,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments.core.records import load_records
 from experiments.ddqn.study import Tuning, short_path
 from experiments.reports import ddqn as report
 
@@ -98,15 +97,6 @@ def test_old_records_fall_back_to_their_typed_random_return_and_say_so():
     bare = report.references([record("cartpole", "ddqn", 0, 200.0)])["cartpole"]
     assert bare.random is None and "not measured" in bare.random_source
     assert report.summarize([record("cartpole", "ddqn", 0, 200.0)])[0]["normalised final: mean [95% t-interval]"] == "–"
-
-
-def test_the_committed_records_of_before_the_control_still_build_comparisons():
-    old = [r for r in load_records(ROOT / "results" / "runs", "ddqn") if r["profile"] == "ablation"]
-    if not old:
-        pytest.skip("no committed ablation records")
-    notes = "\n".join(report.comparisons(old))
-    assert "typed into the record's config" in notes and "Every agent − Double DQN" in notes
-    assert "sk (sk_k=8, sk_targets=fixed, support_size=256) − ddqn" in notes  # variants named by what differs
 
 
 # --------------------------------------------------------------------------------- verdicts, Holm
