@@ -102,15 +102,18 @@ def _k_smallest_lowest_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _scores(zc: Tensor, x: Tensor, x2: Tensor, out: Tensor | None, scratch: Tensor | None,
-            scale: Tensor | None = None) -> Tensor:
+            scale: Tensor | None = None, z2: Tensor | None = None) -> Tensor:
     """The computed squared distances ||x_j||^2 - 2 z.x_j + ||z||^2, clamped at 0, of a chunk of evaluation
     points into ``out`` (rows, N): one fused addmm and one pass, or, for a support stored in another dtype
     (half precision), one addmm per block of support points converted into ``scratch``. With ``scale``
     (N,), the distances to the points s_j x_j (``x2`` then holds their squared norms): the support is
     scaled in the score block, never copied. ``out=None`` (one block, a support in the search dtype): a
-    fresh block from one addmm, with fewer operations."""
+    fresh block from one addmm, with fewer operations. ``z2`` (rows, 1): the chunk's squared norms, when the
+    caller has them (``search_norms``)."""
+    if z2 is None:
+        z2 = (zc * zc).sum(1, keepdim=True)
     if out is None:
-        return torch.addmm(x2, zc, x.t(), alpha=-2.0).add_((zc * zc).sum(1, keepdim=True)).clamp_min_(0.0)
+        return torch.addmm(x2, zc, x.t(), alpha=-2.0).add_(z2).clamp_min_(0.0)
     n = x.shape[0]
     nb = n if scratch is None else scratch.shape[0]
     for s in range(0, n, nb):
@@ -121,21 +124,39 @@ def _scores(zc: Tensor, x: Tensor, x2: Tensor, out: Tensor | None, scratch: Tens
             torch.mm(zc, xb.t(), out=out[:, s:s + nb])
     if scale is not None:
         out.mul_(scale * -2.0).add_(x2)
-    return out.add_((zc * zc).sum(1, keepdim=True)).clamp_min_(0.0)
+    return out.add_(z2).clamp_min_(0.0)
+
+
+def _norm_block_elements(x: Tensor, rows: int) -> int:
+    """Elements per block of ``_sq_norms`` of a support searched with (rows, N) score blocks: 1 MiB on the
+    CPU (faster than one pass); on a GPU an eighth of the score block, so that a large support takes tens
+    of kernel launches, not thousands."""
+    return 1 << 18 if x.device.type == "cpu" else max(1 << 18, rows * x.shape[0] // 8)
+
+
+def search_norms(z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The squared norms the torch search forms its scores from: (||z_m||^2 (M, 1), ||x_j||^2 (N,)), in the
+    search dtype, without graph. ``sk.sparse_krr`` computes them once, checks their sums for NaN and inf in
+    place of sums of z and x (the squares of finite entries are finite below ~1e19 in float32, and larger
+    ones would make the scores inf: the check refuses them), and hands them to the search."""
+    dtype = search_dtype(z.dtype, x.dtype)
+    zd, xd = z.detach(), x.detach()
+    zc = zd if zd.dtype == dtype else zd.to(dtype)
+    rows = min(search_rows(z.shape[0], x.shape[0], torch.finfo(dtype).bits // 8, z.device), z.shape[0])
+    return (zc * zc).sum(1, keepdim=True), _sq_norms(xd, dtype, _norm_block_elements(xd, rows))
 
 
 def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
-                  scale: Tensor | None = None, values: bool = True) -> tuple[Tensor | None, Tensor]:
+                  scale: Tensor | None = None, values: bool = True,
+                  norms: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor]:
     """Exact chunked search; one host synchronisation per call (the check for boundary ties). ``scale``
     (N,): search the points s_j x_j (see ``_scores``). ``values=False``: no distances returned (None)
-    by a search of one block."""
+    by a search of one block. ``norms``: ``search_norms(z, x)``, when the caller has them."""
     m, n, d = z.shape[0], x.shape[0], x.shape[1]
     dtype = search_dtype(z.dtype, x.dtype)
     esize = torch.finfo(dtype).bits // 8
     rows = min(chunk_size or search_rows(m, n, esize, z.device), m)
-    # 1 MiB blocks for the norms on the CPU (faster than one pass); on a GPU an eighth of the score block,
-    # so that a large support takes tens of kernel launches, not thousands.
-    x2 = _sq_norms(x, dtype, 1 << 18 if x.device.type == "cpu" else max(1 << 18, rows * n // 8))
+    z2, x2 = norms if norms is not None else (None, _sq_norms(x, dtype, _norm_block_elements(x, rows)))
     if scale is not None:
         x2 = x2 * scale * scale
     scratch = None
@@ -145,7 +166,7 @@ def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
     full = k >= n
     if rows >= m and not full and scratch is None and scale is None:
         # One block (small calls): the same steps with fewer operations.
-        scores = _scores(z.to(dtype), x, x2, None, None)
+        scores = _scores(z.to(dtype), x, x2, None, None, z2=z2)
         ordered = k_smallest_ordered(scores, k)     # ties resolved by the keys: no check, no read
         if ordered is not None:
             v, i = ordered
@@ -164,7 +185,7 @@ def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
     for start in range(0, m, rows):
         stop = min(start + rows, m)
         zc = z[start:stop].to(dtype)
-        scores = _scores(zc, x, x2, block[:stop - start], scratch, scale)
+        scores = _scores(zc, x, x2, block[:stop - start], scratch, scale, None if z2 is None else z2[start:stop])
         if full:
             v, i = torch.sort(scores, dim=1, stable=True)
         elif (ordered := k_smallest_ordered(scores, k)) is not None:    # ties resolved by the keys
@@ -186,7 +207,8 @@ def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,
         for s in range(0, redo.shape[0], per):
             r = redo[s:s + per]
             zc = z[r].to(dtype)
-            v, i = _k_smallest_lowest_index(_scores(zc, x, x2, block[:r.shape[0]], scratch, scale), k)
+            v, i = _k_smallest_lowest_index(
+                _scores(zc, x, x2, block[:r.shape[0]], scratch, scale, None if z2 is None else z2[r]), k)
             vals[r] = v
             idx[r] = i
     return vals.to(z.dtype), idx
@@ -237,13 +259,14 @@ def knn_search(z: Tensor, x: Tensor, k: int, backend: str = "torch", chunk_size:
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def search_indices(z: Tensor, x: Tensor, k: int, backend: str = "torch") -> Tensor:
+def search_indices(z: Tensor, x: Tensor, k: int, backend: str = "torch",
+                   norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The indices (M, k) of ``knn_search`` for inputs that ``sk.sparse_krr`` has validated (k <= N, M >= 1,
     the declared precision already in force): the same search without the public checks, which a small
-    call would pay twice."""
+    call would pay twice. ``norms``: ``search_norms(z, x)`` (torch backend), computed once by the caller."""
     if backend == "torch":
         return _search_torch(z.detach() if z.requires_grad else z, x.detach() if x.requires_grad else x, k, None,
-                             values=False)[1]
+                             values=False, norms=norms)[1]
     return knn_search(z, x, k, backend=backend)[1]
 
 

@@ -60,7 +60,9 @@ like the forward. A failed factorisation (a singular or indefinite system) is no
 loop: every chunk records on the device whether it had
 one, and after the loop one host synchronisation finds such chunks, which are recomputed with jitter
 escalation (``sk.robust_cholesky``). Input validation (``sk.validation``) that needs the device is one
-fused check, one synchronisation per call; on the CPU its values are read as Python numbers, and
+fused check, one synchronisation per call (the finite checks of z and x sum the squared norms that the
+search computes anyway, ``sk.knn.search_norms``, instead of reading z and x once more); on the CPU its
+values are read as Python numbers, and
 hyperparameters that need no gradient are used as numbers from then on (a small call is a few dozen
 tensor operations, each of which costs microseconds: one fewer matters). A fixed support queried many
 times can be prepared once (``sk.PrecomputedSupport``, ``sk.support``). Without any tensor that needs a
@@ -83,7 +85,7 @@ from .budget import local_rows, search_rows
 from .chunks import chunk_rows, run_chunks
 from .functions import apply, functorch_active, outside_transforms
 from .kernels import Kernel
-from .knn import auto_lengthscale, default_chunk_size, search_indices
+from .knn import auto_lengthscale, default_chunk_size, search_indices, search_norms
 from .linalg import robust_cholesky, serial_lapack, solve_quadratic, solve_spd
 from .precision import declared_precision, work_dtype
 from .support import PrecomputedSupport
@@ -268,8 +270,9 @@ class _SelectedSqDists(torch.autograd.Function):
 def support_krr_core(z: Tensor, sup: PrecomputedSupport, y: Tensor, indices: Tensor | None, need: int,
                      kern: type[Kernel], lengthscale, ridge, chunk_size: int | None = None,
                      solve_dtype: torch.dtype | None = None, continuous: bool = False, taper: float = 0.5,
-                     num_classes: int | None = None) -> Tensor:
+                     num_classes: int | None = None, zsq: Tensor | None = None) -> Tensor:
     """SK against a prepared support (``sk.support``) on validated inputs -> (M, c). No checks here.
+    ``zsq``: ``sup.query_norms(z, solve_dtype)``, when the caller has them.
 
     The work dtype is the plain path's (``solve_dtype``, else the wider of z's and the support's). Without
     a stored table the search is the support's own (``PrecomputedSupport.search``) and the local solves
@@ -285,7 +288,7 @@ def support_krr_core(z: Tensor, sup: PrecomputedSupport, y: Tensor, indices: Ten
         idx = indices
         if idx is None:
             rows = search_rows(m, sup.n, torch.finfo(work).bits // 8, z.device)
-            idx, _ = sup.search(zw, need, rows, xw, sqn, values=False)
+            idx, _ = sup.search(zw, need, rows, xw, sqn, values=False, zsq=zsq)
         out = sparse_krr_core(zw, xw, y, idx, kern, lengthscale, ridge, chunk_size, work, continuous, taper,
                               num_classes)
         return out if out.dtype == z.dtype else out.to(z.dtype)
@@ -400,8 +403,15 @@ def sparse_krr(z: Tensor, x: Tensor, y: Tensor, k: int = 32, kernel: str | Kerne
     if indices is not None:
         indices = check_indices(indices, z.shape[0], need)
     with declared_precision(z.device):
+        # The squared norms the search needs, computed first: their sums are the finite checks of z and x.
+        norms = zsq = None
+        if indices is None and support is None and backend == "torch":
+            norms = search_norms(z, x)
+        elif indices is None and support is not None and support.searches_plain:
+            zsq = support.query_norms(z, solve_dtype)
+            norms = (zsq, None)
         read = device_checks(z, x, y, lengthscale, ridge, labels=labels, num_classes=num_classes, indices=indices,
-                             check_x=support is None)
+                             check_x=support is None, norms=norms)
         if isinstance(lengthscale, str):
             lengthscale = support.auto_lengthscale(k_eff) if support is not None else auto_lengthscale(x, k=k_eff)
         # Hyperparameters that need no gradient and whose values the checks read: numbers from here on.
@@ -413,10 +423,10 @@ def sparse_krr(z: Tensor, x: Tensor, y: Tensor, k: int = 32, kernel: str | Kerne
         idx = None if indices is None else indices.to(device=z.device, dtype=torch.long)
         options = (chunk_size, solve_dtype, continuous, taper, num_classes if labels else None)
         if support is not None:
-            out = support_krr_core(z, support, y2, idx, need, kern, lengthscale, ridge, *options)
+            out = support_krr_core(z, support, y2, idx, need, kern, lengthscale, ridge, *options, zsq=zsq)
         else:
             if idx is None:
-                idx = search_indices(z, x, need, backend)
+                idx = search_indices(z, x, need, backend, norms)
             out = sparse_krr_core(z, x, y2, idx, kern, lengthscale, ridge, *options)
     return out.squeeze(1) if y.dim() == 1 and not labels else out
 

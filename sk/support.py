@@ -207,9 +207,23 @@ class PrecomputedSupport:
                 self._casts[key] = make()
         return self._casts[key]
 
+    @property
+    def searches_plain(self) -> bool:
+        """Whether ``sk.sparse_krr`` searches this support by ``search`` in its work dtype (no stored distances,
+        no faiss index): then the queries' squared norms can be computed once (``query_norms``)."""
+        return not self.has_distances and self.index is None
+
+    def query_norms(self, z: Tensor, solve_dtype: torch.dtype | None = None) -> Tensor:
+        """||z_m||^2 (M, 1) in the work dtype of a call with ``solve_dtype`` (no graph): what ``search`` adds to
+        its scores, and what ``sk.sparse_krr``'s finite check of z sums."""
+        zd = z.detach()
+        work = solve_dtype or work_dtype(z.dtype, self.dtype)
+        zw = zd if zd.dtype == work else zd.to(work)
+        return (zw * zw).sum(1, keepdim=True)
+
     @torch.no_grad()
     def search(self, zc: Tensor, need: int, rows: int, xc: Tensor, sqn: Tensor,
-               values: bool = True) -> tuple[Tensor, Tensor | None]:
+               values: bool = True, zsq: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The ``need`` nearest support points of the queries zc (M, d): indices (M, need) and their squared
         distances (M, need), sorted by computed distance, ties to the lower index (when ``need`` >= N, every
         point in index order and all N distances). No gradient: the distances are for ranking and for
@@ -219,12 +233,14 @@ class PrecomputedSupport:
         ||x_j||^2 - 2 z.x_j + ||z||^2 clamped at 0, from the same matmul as ``sk.knn_search``, ranked as the
         contract says: among equal computed distances the lower index wins. One (rows, N) block at a time;
         one host synchronisation (for ties), none when one block's selection orders its ties itself
-        (``sk.select.k_smallest_ordered``, CPU). ``values=False``: the distances are not returned (None)."""
+        (``sk.select.k_smallest_ordered``, CPU). ``values=False``: the distances are not returned (None).
+        ``zsq``: the queries' squared norms (``query_norms``), when the caller has them."""
         if self.index is not None and need < self.n:   # the neighbours of the support's faiss index
             return self.index.support_search(zc, need, xc, sqn, values)
         m, n = zc.shape[0], self.n
         xt = self._transposed(xc)
-        zsq = (zc * zc).sum(1, keepdim=True)
+        if zsq is None:
+            zsq = (zc * zc).sum(1, keepdim=True)
         starts = range(0, m, rows)
         if need >= n:  # every point: their order does not matter to the local solves
             idx = torch.arange(n, device=zc.device).expand(m, n)

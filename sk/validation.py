@@ -233,7 +233,8 @@ def _sum(t: Tensor) -> Tensor:
 
 
 def device_checks(z: Tensor, x: Tensor, y: Tensor | None, lengthscale=None, ridge=None, labels: bool = False,
-                  num_classes: int | None = None, indices: Tensor | None = None, check_x: bool = True) -> dict:
+                  num_classes: int | None = None, indices: Tensor | None = None, check_x: bool = True,
+                  norms: tuple[Tensor | None, Tensor | None] | None = None) -> dict:
     """The checks that read the tensors' values, fused into one host read (one synchronisation).
 
     One summation per tensor detects NaN or inf (they propagate; tensor hyperparameters are added to the
@@ -244,14 +245,30 @@ def device_checks(z: Tensor, x: Tensor, y: Tensor | None, lengthscale=None, ridg
     tensor operations in small calls); the values of the tensor hyperparameters are returned,
     ``{"lengthscale": float, "ridge": float}``, for callers that then compute with numbers. On other
     devices the checks are one fused boolean and nothing is returned.
+
+    ``norms``: (squared norms of z's rows, of x's rows), either may be None, computed by the caller for
+    its own use (``sk.knn.search_norms``): their sums stand for the sums of z and x (one pass fewer over
+    each). When such a sum is not finite, the checks are redone on z and x themselves, so that the same
+    inputs are refused as without norms; beyond those, a query whose squared norm overflows (finite
+    entries beyond ~1e19 in float32) is refused, since every distance to it is inf. A support point's may
+    overflow: it is then never a neighbour, as without norms.
     """
-    args = (z, x if check_x else None, None if labels else y, lengthscale, ridge, y if labels else None,
-            num_classes, indices, x.shape[0])
+    zs, xs = norms if norms is not None else (None, None)
+    zs = z if zs is None else zs
+    xs = (x if xs is None else xs) if check_x else None
+    args = (zs, xs, None if labels else y, lengthscale, ridge, y if labels else None, num_classes, indices,
+            x.shape[0])
     if z.device.type == "cpu":
         ok, read = _cpu_checks(*args)
     else:
         ok, read = _device_checks_pass(*args), {}
     if ok:
+        return read
+    if norms is not None:
+        read = device_checks(z, x, y, lengthscale, ridge, labels, num_classes, indices, check_x)
+        if norms[0] is not None and not bool(torch.isfinite(norms[0]).all()):
+            raise ValueError("z has finite entries whose squares overflow (beyond ~1e19 in float32): every squared "
+                             "distance to such a query is inf; scale the inputs")
         return read
     for name, t in (("z", z), ("x", x if check_x else None), ("y", None if labels else y)):
         if t is not None and not bool(torch.isfinite(t).all()):
@@ -264,7 +281,8 @@ def device_checks(z: Tensor, x: Tensor, y: Tensor | None, lengthscale=None, ridg
         raise ValueError(f"labels out of range [0, {num_classes}) for num_classes={num_classes}")
     if indices is not None and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= x.shape[0]):
         raise ValueError(f"indices out of range [0, {x.shape[0]})")
-    raise ValueError("inputs failed a value check (a sum over finite values overflowed?)")  # pragma: no cover
+    raise ValueError("inputs failed a value check: the values are finite, but the sum of a tensor overflowed; "
+                     "scale the inputs")
 
 
 def _cpu_checks(z, x, y, lengthscale, ridge, labels, num_classes, indices, n) -> tuple[bool, dict]:

@@ -188,6 +188,34 @@ def test_bad_inputs_raise_value_error(bad, message, fn):
             sk.SKLayer(k=k, kernel=kernel, ridge=ridge)(z, x, y)
 
 
+
+@pytest.mark.parametrize("support", [False, True], ids=["tensor", "PrecomputedSupport"])
+def test_finite_checks_read_the_search_norms_and_refuse_the_same_inputs(support):
+    """The finite checks of z and x sum the squared norms the search computes anyway (one pass fewer over
+    each): the same inputs pass and fail as with sums of the tensors themselves. A support point far
+    enough for its squared norm to overflow float32 is still accepted and never a neighbour; a query whose
+    squared norm overflows is refused by name (every distance to it is inf: before, a singular-system
+    error about jitter)."""
+    z, x, y = data(dtype=torch.float32)
+    far = torch.cat([x, torch.tensor([[3e19, 0.0, 0.0, 0.0]])])
+    yfar = torch.cat([y, torch.full((1, 3), 1e3)])
+    support_of = (lambda t: sk.PrecomputedSupport(t)) if support else (lambda t: t)
+    out = sk.sparse_krr(z, support_of(far), yfar, k=5, lengthscale=1.0)
+    assert torch.equal(out, sk.sparse_krr(z, x, y, k=5, lengthscale=1.0))
+    huge = z.clone()
+    huge[2, 1] = 3e19
+    with pytest.raises(ValueError, match="z has finite entries whose squares overflow"):
+        sk.sparse_krr(huge, support_of(x), y, k=5, lengthscale=1.0)
+    for name, t in (("z", z), ("x", x), ("y", y)):
+        bad = t.clone()
+        bad[1, 1] = float("nan")
+        args = {"z": z, "x": x, "y": y, name: bad}
+        if support and name == "x":
+            continue                                # a support is checked when it is prepared
+        with pytest.raises(ValueError, match=f"{name} contains non-finite"):
+            sk.sparse_krr(args["z"], support_of(args["x"]), args["y"], k=5, lengthscale=1.0)
+
+
 def test_bad_lengthscale_raises():
     z, x, y = data()
     for ls in (0.0, -1.0, float("nan"), "median"):

@@ -294,10 +294,15 @@ def test_k_smallest_ordered_is_a_stable_sort_of_the_scores(dtype):
     else:
         ref = torch.sort(tied, dim=1, stable=True)
         assert torch.equal(out[0], ref.values[:, :12]) and torch.equal(out[1], ref.indices[:, :12])
-    few = torch.randint(0, 5, (select.SORT_ROWS, 300), generator=g).to(dtype)        # a stable torch.sort
-    v, i = select.k_smallest_ordered(few, 12)
-    ref = torch.sort(few, dim=1, stable=True)
-    assert torch.equal(v, ref.values[:, :12]) and torch.equal(i, ref.indices[:, :12])
+    # Blocks of a row or two: topk, and a stable sort where two of the kk + 1 smallest are equal.
+    boundary = torch.rand(1, 300, generator=g, dtype=dtype)
+    boundary[0, 200] = boundary[0].sort().values[11]                  # a tie at the kk-th place
+    for few in (torch.randint(0, 5, (select.SORT_ROWS, 300), generator=g).to(dtype),
+                torch.rand(select.SORT_ROWS, 300, generator=g, dtype=dtype), torch.rand(1, 300, generator=g),
+                boundary):
+        v, i = select.k_smallest_ordered(few, 12)
+        ref = torch.sort(few, dim=1, stable=True)
+        assert torch.equal(v, ref.values[:, :12]) and torch.equal(i, ref.indices[:, :12])
     assert select.k_smallest_ordered(torch.rand(4, 8), 8) is None                       # kk >= N
     assert select.k_smallest_ordered(torch.rand(4, 8, dtype=torch.float16), 3) is None
 
