@@ -57,6 +57,37 @@ def quotient_ok(ratio: float, a: float, b: float, rel: float = 2e-3, abs_: float
     return abs(ratio - a / b) <= rel * ratio + abs_
 
 
+VERDICT = re.compile(r"<= ([0-9.]+): (met|missed|at the target) \(repeats ([0-9.]+)-([0-9.]+)\)")
+
+
+def check_verdict(ratio: float, cell: str) -> float:
+    """A printed target verdict agrees with the printed ratio and the repeats' range (to their rounding);
+    returns the target."""
+    m = VERDICT.fullmatch(cell.strip())
+    assert m, cell
+    target, verdict, lo, hi = float(m[1]), m[2], float(m[3]), float(m[4])
+    assert lo <= hi
+    slack = 1e-3                                  # ratios are printed with 3 decimals
+    if verdict == "met":
+        assert ratio <= target + slack and hi <= target + slack, cell
+    elif verdict == "missed":
+        assert ratio > target - slack and lo > target - slack, cell
+    else:
+        assert not (ratio < target - slack and hi < target - slack), cell
+        assert not (ratio > target + slack and lo > target + slack), cell
+    return target
+
+
+def test_target_verdict_on_hand_made_ratios():
+    from scripts.bench.timing import ratio_spread, target_verdict, verdict_text
+    assert ratio_spread([2.0, 3.0, 1.0], [2.0, 2.0, 2.0]) == (0.5, 1.5)
+    assert target_verdict(0.9, (0.8, 0.95), 1.0) == "met"
+    assert target_verdict(1.1, (1.05, 1.2), 1.0) == "missed"
+    assert target_verdict(0.98, (0.9, 1.04), 1.0) == "at the target"
+    assert target_verdict(1.02, (0.97, 1.1), 1.0) == "at the target"
+    assert verdict_text(1.1, (1.05, 1.2), 1.15) == "<= 1.15: at the target (repeats 1.050-1.200)"
+
+
 def test_cpu_report_header_and_sections(reports):
     text, _ = reports
     assert text.startswith("# sk benchmark") and "Quick smoke run" in text
@@ -142,9 +173,7 @@ def test_section_7_against_the_minimal(reports):
         if name.startswith("SK, "):
             assert abs(num(r[0]) - calls[name[4:]]) <= 0.5                 # the same measurement
             for ratio, target in ((num(r[1]), r[2]), (num(r[4]), r[5])):
-                assert target.startswith("<= ") and target.endswith(("(met)", "(missed)"))
-                if abs(ratio - num(target)) > 1e-3:                       # printed ratios are rounded
-                    assert target.endswith("(met)") == (ratio <= num(target))
+                check_verdict(ratio, target)
     assert (num(rows["SK, plain tensor"][2]), num(rows["SK, plain tensor"][5])) == (FORWARD_TARGET, GRAD_TARGET)
     same = re.search(r"SK's neighbours differ from the minimal's for ([0-9]+) of 64 queries", text)
     assert same and int(same.group(1)) == 0
@@ -162,6 +191,8 @@ def test_section_1_ratio_is_the_quotient_of_the_times(reports):
         assert min(reps) <= num(r[1]) <= max(reps) and min(reps) > 0
     ratio = num(re.search(r"SK / k-NN vote time ratio: ([0-9.]+) at 1 thread", text).group(1))
     assert quotient_ok(ratio, sk_time, vote)
+    verdict = re.search(r"Target (<= [^;]*?\)) at 1 thread", text)
+    assert verdict and check_verdict(ratio, verdict.group(1)) == 1.15
 
 
 def test_section_2_and_3_derived_columns(reports):

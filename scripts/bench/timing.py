@@ -45,6 +45,29 @@ def interleaved_medians(fns: dict, repeats: int, timer: Callable = timed) -> tup
     return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 
+def ratio_spread(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The smallest and largest a_r / b_r over the interleaved repeats r (a repeat times a and b back to
+    back, so a slow spell of a shared machine mostly hits both)."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return min(ratios), max(ratios)
+
+
+def target_verdict(ratio: float, spread: tuple[float, float], target: float) -> str:
+    """"met" when the ratio of the medians and every repeat's ratio are within ``target``, "missed" when none
+    is, "at the target" otherwise: the repeats fall on both sides, and this run does not tell the two apart."""
+    lo, hi = spread
+    if ratio <= target and hi <= target:
+        return "met"
+    if ratio > target and lo > target:
+        return "missed"
+    return "at the target"
+
+
+def verdict_text(ratio: float, spread: tuple[float, float], target: float) -> str:
+    """``<= target: verdict (repeats lo-hi)``, the form the reports print."""
+    return f"<= {target:g}: {target_verdict(ratio, spread, target)} (repeats {spread[0]:.3f}-{spread[1]:.3f})"
+
+
 def one_thread(fn: Callable):
     """``fn()`` run with one torch thread, the previous count restored after."""
     before = torch.get_num_threads()
