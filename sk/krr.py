@@ -62,11 +62,13 @@ one, and after the loop one host synchronisation finds such chunks, which are re
 escalation (``sk.robust_cholesky``). Input validation (``sk.validation``) that needs the device is one
 fused check, one synchronisation per call (the finite checks of z and x sum the squared norms that the
 search computes anyway, ``sk.knn.search_norms``, instead of reading z and x once more); on the CPU its
-values are read as Python numbers, and
-hyperparameters that need no gradient are used as numbers from then on (a small call is a few dozen
-tensor operations, each of which costs microseconds: one fewer matters). A fixed support queried many
-times can be prepared once (``sk.PrecomputedSupport``, ``sk.support``). Without any tensor that needs a
-gradient, the gathered neighbours go to one buffer reused by every chunk (fresh blocks cost page faults on
+values are read as Python numbers, and hyperparameters that need no gradient are used as numbers from
+then on (a small call is a few dozen tensor operations, each of which costs microseconds: one fewer
+matters). A no-graph CPU call that fits one score block and one chunk of local solves (the commonest
+small call) skips the search's and the chunk runner's layers (``_one_block_krr``: the same functions in
+the same order, so the same bits). A fixed support queried many times can be prepared once
+(``sk.PrecomputedSupport``, ``sk.support``). Without any tensor that needs a gradient, the gathered
+neighbours go to one buffer reused by every chunk (fresh blocks cost page faults on
 the CPU); with one, every chunk gets fresh memory, since autograd keeps it.
 
 Precision: float16 / bfloat16 inputs are searched in float32 and solved in float32 (or
@@ -86,6 +88,7 @@ from .chunks import chunk_rows, run_chunks
 from .functions import apply, functorch_active, outside_transforms
 from .kernels import Kernel
 from .knn import auto_lengthscale, default_chunk_size, search_indices, search_norms
+from .select import k_smallest_ordered
 from .linalg import robust_cholesky, serial_lapack, solve_quadratic, solve_spd
 from .precision import declared_precision, work_dtype
 from .support import PrecomputedSupport
@@ -340,6 +343,52 @@ def _table_krr(z, zw, sup, y, indices, need, kern, lengthscale, ridge, chunk_siz
     return out if out.dtype == z.dtype else out.to(z.dtype)
 
 
+def _fits_one_block(z: Tensor, x, need: int, n: int, continuous: bool, chunk_size, solve_dtype, lengthscale, ridge,
+                    y: Tensor, labels: bool) -> bool:
+    """Whether a ``sparse_krr`` call is the commonest small call, which ``_one_block_krr`` runs: on the CPU,
+    no graph and no ``torch.func`` transform, the hard variant with k < N, the torch search, z in the
+    support's dtype (float32 or float64, no ``solve_dtype`` of another), and a single search block and a
+    single chunk of local solves."""
+    if z.device.type != "cpu" or continuous or need >= n or z.shape[0] == 0 or functorch_active():
+        return False
+    dtype = z.dtype
+    if dtype not in (torch.float32, torch.float64) or x.dtype != dtype or solve_dtype not in (None, dtype):
+        return False
+    if isinstance(lengthscale, Tensor) or isinstance(ridge, Tensor):     # left tensors: they need a gradient
+        return False
+    if torch.is_grad_enabled() and (z.requires_grad or (isinstance(x, Tensor) and x.requires_grad)
+                                    or (not labels and y.requires_grad)):
+        return False
+    m, esize = z.shape[0], torch.finfo(dtype).bits // 8
+    c = 1 if labels else y.shape[1]
+    return (search_rows(m, n, esize, z.device) >= m
+            and _rows(m, need, z.shape[1], c, labels, dtype, z.device, chunk_size, False) >= m)
+
+
+def _one_block_krr(z: Tensor, x: Tensor, support: PrecomputedSupport | None, norms, y: Tensor, need: int,
+                   kern: type[Kernel], lengthscale, ridge, num_classes: int | None) -> Tensor | None:
+    """``sparse_krr`` for a call that ``_fits_one_block``, in one pass: the search's one score block from the
+    squared norms the checks summed (``norms``), its keyed selection, and the local solves of one chunk,
+    by the same functions and in the same order as the general path (``search_indices`` or
+    ``PrecomputedSupport.search``, then ``sparse_krr_core``), so the numbers are the same; what it skips is
+    their layers of dispatch (about a third of a one-query call). None where the general path has to
+    decide (ties that the keys cannot order, a failed factorisation): the caller then runs it."""
+    if support is None:
+        (zsq, xsq), xt = norms, x.t()
+    else:
+        x, xsq = support.tensors(z.dtype)
+        zsq, xt = norms[0], support._transposed(x)
+    ordered = k_smallest_ordered(torch.addmm(xsq, z, xt, alpha=-2.0).add_(zsq).clamp_min_(0.0), need)
+    if ordered is None:
+        return None
+    idx, labels = ordered[1], num_classes is not None
+    kzx, kxx, d2z = kern.local(z, _gather(x, idx), float(lengthscale))
+    yg = _gather_targets(y, idx, labels, z.dtype)
+    out, failed = local_solve(kzx, kxx, d2z, yg, _eye(need, z.dtype, z.device), float(ridge), False, 0.5,
+                              num_classes, False)
+    return None if bool(failed) else out
+
+
 def _refuse_vmap() -> None:
     if functorch_active() and any(i.key() == torch._C._functorch.TransformType.Vmap
                                   for i in torch._C._functorch.get_interpreter_stack()):
@@ -420,6 +469,13 @@ def sparse_krr(z: Tensor, x: Tensor, y: Tensor, k: int = 32, kernel: str | Kerne
         if "ridge" in read and not (ridge.requires_grad and torch.is_grad_enabled()):
             ridge = read["ridge"]
         y2 = y.long() if labels else y if y.dim() == 2 else y.unsqueeze(1)
+        out = None
+        if norms is not None and _fits_one_block(z, x if support is None else support, need, n, continuous,
+                                                 chunk_size, solve_dtype, lengthscale, ridge, y2, labels):
+            out = _one_block_krr(z, x, support, norms, y2, need, kern, lengthscale, ridge,
+                                 num_classes if labels else None)
+        if out is not None:
+            return out.squeeze(1) if y.dim() == 1 and not labels else out
         idx = None if indices is None else indices.to(device=z.device, dtype=torch.long)
         options = (chunk_size, solve_dtype, continuous, taper, num_classes if labels else None)
         if support is not None:

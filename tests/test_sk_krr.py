@@ -350,3 +350,51 @@ def test_label_path_errors():
         sk.sparse_krr(z, x, labels[:, None], k=5, num_classes=3)
     with pytest.raises(ValueError, match="num_classes"):
         sk.sparse_krr(z, x, torch.randn(60, 2, dtype=torch.float64), k=5, num_classes=3)
+
+
+def test_the_one_block_path_gives_the_general_paths_numbers(monkeypatch):
+    """A small no-graph CPU call runs ``_one_block_krr`` (one score block, one chunk, no layers); the same
+    call forced through the general path (search, chunk runner) gives the same bits, on plain tensors and
+    prepared supports, targets and labels, float32 and float64, 1 or 2 threads, a query on a support point,
+    and where the one-block path hands the call back (a factorisation that fails without jitter)."""
+    import sk.krr as krr
+
+    taken = []
+    one_block = krr._one_block_krr
+    monkeypatch.setattr(krr, "_one_block_krr", lambda *a: taken.append(1) or one_block(*a))
+
+    def both(*args, **kw):
+        with torch.no_grad():
+            fast = sk.sparse_krr(*args, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(krr, "_fits_one_block", lambda *a: False)
+                slow = sk.sparse_krr(*args, **kw)
+        return fast, slow
+
+    g = torch.Generator().manual_seed(3)
+    for dtype, threads in ((torch.float32, 1), (torch.float64, 2)):
+        torch.set_num_threads(threads)
+        try:
+            x = torch.randn(80, 6, generator=g, dtype=dtype)
+            y = torch.randn(80, 2, generator=g, dtype=dtype)
+            labels = torch.randint(0, 4, (80,), generator=g)
+            for m in (1, 2, 3, 40):
+                z = torch.randn(m, 6, generator=g, dtype=dtype)
+                z[0] = x[7]
+                for support in (x, sk.PrecomputedSupport(x)):
+                    for kw in ({}, {"kernel": "laplacian", "lengthscale": "auto"}, {"kernel": "linear"}):
+                        for targets, extra in ((y, {}), (y[:, 0], {}), (labels, {"num_classes": 4})):
+                            fast, slow = both(z, support, targets, k=6, **kw, **extra)
+                            assert torch.equal(fast, slow) and fast.dtype == dtype, (m, kw, extra)
+        finally:
+            torch.set_num_threads(1)
+    assert taken                                                   # the path ran
+    # A linear kernel on 3 features with 8 neighbours and no ridge: every local system is singular, the
+    # one-block path hands the call back, and the general path's jitter solves it.
+    x3, y3 = torch.randn(80, 3, generator=g), torch.randn(80, 2, generator=g)
+    taken.clear()
+    with monkeypatch.context() as m:
+        returned = []
+        m.setattr(krr, "_one_block_krr", lambda *a: returned.append(one_block(*a)) or returned[-1])
+        fast, slow = both(torch.randn(5, 3, generator=g), x3, y3, k=8, kernel="linear", ridge=0.0)
+    assert returned == [None] and torch.equal(fast, slow) and torch.isfinite(fast).all()
