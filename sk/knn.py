@@ -137,8 +137,8 @@ def _norm_block_elements(x: Tensor, rows: int) -> int:
 def search_norms(z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """The squared norms the torch search forms its scores from: (||z_m||^2 (M, 1), ||x_j||^2 (N,)), in the
     search dtype, without graph. ``sk.sparse_krr`` computes them once, checks their sums for NaN and inf in
-    place of sums of z and x (the squares of finite entries are finite below ~1e19 in float32, and larger
-    ones would make the scores inf: the check refuses them), and hands them to the search."""
+    place of sums of z and x (``sk.validation.device_checks``: the same inputs are refused, and a query whose
+    squared norm overflows, whose scores would all be inf), and hands them to the search."""
     dtype = search_dtype(z.dtype, x.dtype)
     zd, xd = z.detach(), x.detach()
     zc = zd if zd.dtype == dtype else zd.to(dtype)
