@@ -134,16 +134,22 @@ def _norm_block_elements(x: Tensor, rows: int) -> int:
     return 1 << 18 if x.device.type == "cpu" else max(1 << 18, rows * x.shape[0] // 8)
 
 
+def query_sq_norms(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """||z_m||^2 (M, 1) of the queries in ``dtype``, without graph: what a search adds to its scores."""
+    zd = z.detach()
+    zc = zd if zd.dtype == dtype else zd.to(dtype)
+    return (zc * zc).sum(1, keepdim=True)
+
+
 def search_norms(z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """The squared norms the torch search forms its scores from: (||z_m||^2 (M, 1), ||x_j||^2 (N,)), in the
     search dtype, without graph. ``sk.sparse_krr`` computes them once, checks their sums for NaN and inf in
     place of sums of z and x (``sk.validation.device_checks``: the same inputs are refused, and a query whose
     squared norm overflows, whose scores would all be inf), and hands them to the search."""
     dtype = search_dtype(z.dtype, x.dtype)
-    zd, xd = z.detach(), x.detach()
-    zc = zd if zd.dtype == dtype else zd.to(dtype)
+    xd = x.detach()
     rows = min(search_rows(z.shape[0], x.shape[0], torch.finfo(dtype).bits // 8, z.device), z.shape[0])
-    return (zc * zc).sum(1, keepdim=True), _sq_norms(xd, dtype, _norm_block_elements(xd, rows))
+    return query_sq_norms(z, dtype), _sq_norms(xd, dtype, _norm_block_elements(xd, rows))
 
 
 def _search_torch(z: Tensor, x: Tensor, k: int, chunk_size: int | None,

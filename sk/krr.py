@@ -91,7 +91,7 @@ from .knn import auto_lengthscale, default_chunk_size, search_indices, search_no
 from .linalg import robust_cholesky, serial_lapack, solve_quadratic, solve_spd
 from .precision import declared_precision, work_dtype
 from .select import k_smallest_ordered
-from .support import PrecomputedSupport
+from .support import PrecomputedSupport, _distance_block
 from .validation import (as_chunk_size, as_k, as_num_classes, check_hyperparameter, check_indices, check_shapes,
                          check_taper, device_checks, resolve_kernel)
 
@@ -379,7 +379,7 @@ def _one_block_krr(z: Tensor, x: Tensor, support: PrecomputedSupport | None, nor
     else:
         x, xsq = support.tensors(z.dtype)
         zsq, xt = norms[0], support._transposed(x)
-    ordered = k_smallest_ordered(torch.addmm(xsq, z, xt, alpha=-2.0).add_(zsq).clamp_min_(0.0), need)
+    ordered = k_smallest_ordered(_distance_block(z, zsq, 0, z.shape[0], xt, xsq), need)
     if ordered is None:
         return None
     idx, labels = ordered[1], num_classes is not None
@@ -454,12 +454,11 @@ def sparse_krr(z: Tensor, x: Tensor, y: Tensor, k: int = 32, kernel: str | Kerne
         indices = check_indices(indices, z.shape[0], need)
     with declared_precision(z.device):
         # The squared norms the search needs, computed first: their sums are the finite checks of z and x.
-        norms = zsq = None
+        norms = None
         if indices is None and support is None and backend == "torch":
             norms = search_norms(z, x)
         elif indices is None and support is not None and support.searches_plain:
-            zsq = support.query_norms(z, solve_dtype)
-            norms = (zsq, None)
+            norms = (support.query_norms(z, solve_dtype), None)
         read = device_checks(z, x, y, lengthscale, ridge, labels=labels, num_classes=num_classes, indices=indices,
                              check_x=support is None, norms=norms)
         if isinstance(lengthscale, str):
@@ -480,7 +479,8 @@ def sparse_krr(z: Tensor, x: Tensor, y: Tensor, k: int = 32, kernel: str | Kerne
         idx = None if indices is None else indices.to(device=z.device, dtype=torch.long)
         options = (chunk_size, solve_dtype, continuous, taper, num_classes if labels else None)
         if support is not None:
-            out = support_krr_core(z, support, y2, idx, need, kern, lengthscale, ridge, *options, zsq=zsq)
+            out = support_krr_core(z, support, y2, idx, need, kern, lengthscale, ridge, *options,
+                                   zsq=None if norms is None else norms[0])
         else:
             if idx is None:
                 idx = search_indices(z, x, need, backend, norms)

@@ -67,6 +67,7 @@ from .index import attach_index
 from .functions import outside_transforms
 from .select import NUMPY_SELECT_COLS, NUMPY_SELECT_ROWS, k_smallest, k_smallest_ordered  # noqa: F401 - re-exported
 from .kernels import Kernel
+from .knn import query_sq_norms
 from .precision import declared_precision, work_dtype
 
 
@@ -216,10 +217,7 @@ class PrecomputedSupport:
     def query_norms(self, z: Tensor, solve_dtype: torch.dtype | None = None) -> Tensor:
         """||z_m||^2 (M, 1) in the work dtype of a call with ``solve_dtype`` (no graph): what ``search`` adds to
         its scores, and what ``sk.sparse_krr``'s finite check of z sums."""
-        zd = z.detach()
-        work = solve_dtype or work_dtype(z.dtype, self.dtype)
-        zw = zd if zd.dtype == work else zd.to(work)
-        return (zw * zw).sum(1, keepdim=True)
+        return query_sq_norms(z, solve_dtype or work_dtype(z.dtype, self.dtype))
 
     @torch.no_grad()
     def search(self, zc: Tensor, need: int, rows: int, xc: Tensor, sqn: Tensor,
