@@ -136,7 +136,7 @@ def _norm_block_elements(x: Tensor, rows: int) -> int:
 
 def query_sq_norms(z: Tensor, dtype: torch.dtype) -> Tensor:
     """||z_m||^2 (M, 1) of the queries in ``dtype``, without graph: what a search adds to its scores."""
-    zd = z.detach()
+    zd = z.detach() if z.requires_grad else z
     zc = zd if zd.dtype == dtype else zd.to(dtype)
     return (zc * zc).sum(1, keepdim=True)
 
@@ -147,7 +147,9 @@ def search_norms(z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     place of sums of z and x (``sk.validation.device_checks``: the same inputs are refused, and a query whose
     squared norm overflows, whose scores would all be inf), and hands them to the search."""
     dtype = search_dtype(z.dtype, x.dtype)
-    xd = x.detach()
+    xd = x.detach() if x.requires_grad else x
+    if x.dtype == dtype and x.shape[0] * x.shape[1] <= 1 << 18:      # one block of _sq_norms on any device
+        return query_sq_norms(z, dtype), (xd * xd).sum(1)
     rows = min(search_rows(z.shape[0], x.shape[0], torch.finfo(dtype).bits // 8, z.device), z.shape[0])
     return query_sq_norms(z, dtype), _sq_norms(xd, dtype, _norm_block_elements(xd, rows))
 

@@ -64,9 +64,10 @@ fused check, one synchronisation per call (the finite checks of z and x sum the 
 search computes anyway, ``sk.knn.search_norms``, instead of reading z and x once more); on the CPU its
 values are read as Python numbers, and hyperparameters that need no gradient are used as numbers from
 then on (a small call is a few dozen tensor operations, each of which costs microseconds: one fewer
-matters). A no-graph CPU call that fits one score block and one chunk of local solves (the commonest
-small call) skips the search's and the chunk runner's layers (``_one_block_krr``: the same functions in
-the same order, so the same bits). A fixed support queried many times can be prepared once
+matters). A CPU call that fits one score block and one chunk of local solves, with no graph or a graph
+to the queries alone (the commonest small calls: inference, and learned queries against a fixed support)
+skips the search's and the chunk runner's layers (``_one_block_krr``: the same functions in the same
+order, so the same bits and the same graph). A fixed support queried many times can be prepared once
 (``sk.PrecomputedSupport``, ``sk.support``). Without any tensor that needs a gradient, the gathered
 neighbours go to one buffer reused by every chunk (fresh blocks cost page faults on
 the CPU); with one, every chunk gets fresh memory, since autograd keeps it.
@@ -188,8 +189,9 @@ def _rows(m: int, k: int, d: int, c: int, labels: bool, work: torch.dtype, devic
 
 def _gather(t: Tensor, ic: Tensor) -> Tensor:
     """Rows of t (N, d) at the indices ic (B, k) -> (B, k, d), or entries of t (N,) -> (B, k): one tensor
-    operation (``embedding`` is ``index_select`` underneath, and its backward was measured 3x faster)."""
-    return torch.take(t, ic) if t.dim() == 1 else torch.nn.functional.embedding(ic, t)
+    operation (``embedding`` is ``index_select`` underneath, and its backward was measured 3x faster;
+    ``torch.embedding`` itself, without the argument handling of ``torch.nn.functional.embedding``)."""
+    return torch.take(t, ic) if t.dim() == 1 else torch.embedding(t, ic)
 
 
 def _gather_targets(y: Tensor, ic: Tensor, labels: bool, work: torch.dtype) -> Tensor:
@@ -346,22 +348,21 @@ def _table_krr(z, zw, sup, y, indices, need, kern, lengthscale, ridge, chunk_siz
 def _fits_one_block(z: Tensor, x, need: int, n: int, continuous: bool, chunk_size, solve_dtype, lengthscale, ridge,
                     y: Tensor, labels: bool) -> bool:
     """Whether a ``sparse_krr`` call is the commonest small call, which ``_one_block_krr`` runs: on the CPU,
-    no graph and no ``torch.func`` transform, the hard variant with k < N, the torch search, z in the
-    support's dtype (float32 or float64, no ``solve_dtype`` of another), and a single search block and a
-    single chunk of local solves."""
-    if z.device.type != "cpu" or continuous or need >= n or z.shape[0] == 0 or functorch_active():
-        return False
+    no graph but the queries' (a fixed support, targets and hyperparameters) and no ``torch.func``
+    transform, the hard variant with k < N, the torch search, z in the support's dtype (float32 or float64,
+    no ``solve_dtype`` of another), and a single search block and a single chunk of local solves."""
     dtype = z.dtype
-    if dtype not in (torch.float32, torch.float64) or x.dtype != dtype or solve_dtype not in (None, dtype):
+    if (continuous or need >= n or isinstance(lengthscale, Tensor) or isinstance(ridge, Tensor)  # tensors left:
+            or x.dtype != dtype or (solve_dtype is not None and solve_dtype != dtype)      # they need a gradient
+            or dtype not in (torch.float32, torch.float64) or z.device.type != "cpu"):
         return False
-    if isinstance(lengthscale, Tensor) or isinstance(ridge, Tensor):     # left tensors: they need a gradient
+    if torch.is_grad_enabled() and ((isinstance(x, Tensor) and x.requires_grad) or (not labels and y.requires_grad)):
         return False
-    if torch.is_grad_enabled() and (z.requires_grad or (isinstance(x, Tensor) and x.requires_grad)
-                                    or (not labels and y.requires_grad)):
+    m = z.shape[0]
+    if m == 0 or functorch_active():
         return False
-    m, esize = z.shape[0], torch.finfo(dtype).bits // 8
     c = 1 if labels else y.shape[1]
-    return (search_rows(m, n, esize, z.device) >= m
+    return (search_rows(m, n, 8 if dtype == torch.float64 else 4, z.device) >= m
             and _rows(m, need, z.shape[1], c, labels, dtype, z.device, chunk_size, False) >= m)
 
 
@@ -370,16 +371,18 @@ def _one_block_krr(z: Tensor, x: Tensor, support: PrecomputedSupport | None, nor
     """``sparse_krr`` for a call that ``_fits_one_block``, in one pass: the search's one score block from the
     squared norms the checks summed (``norms``), its keyed selection, and the local solves of one chunk,
     by the same functions and in the same order as the general path (``search_indices`` or
-    ``PrecomputedSupport.search``, then ``sparse_krr_core``), so the numbers are the same; what it skips is
+    ``PrecomputedSupport.search``, then ``sparse_krr_core``), so the numbers are the same, and with queries
+    that need a gradient the same graph (the search sees them detached, as there); what it skips is
     their layers of dispatch (measured on the project's CPU: 3-4 % of a 64-query call of 256 points, 9 % of
-    a one-query call). None where the general path has to
-    decide (ties that the keys cannot order, a failed factorisation): the caller then runs it."""
+    a one-query call). None where the general path has to decide (ties that the keys cannot order, a
+    failed factorisation): the caller then runs it (a graph recorded here is dropped)."""
+    zs = z.detach() if z.requires_grad else z
     if support is None:
         (zsq, xsq), xt = norms, x.t()
     else:
         x, xsq = support.tensors(z.dtype)
         zsq, xt = norms[0], support._transposed(x)
-    ordered = k_smallest_ordered(_distance_block(z, zsq, 0, z.shape[0], xt, xsq), need)
+    ordered = k_smallest_ordered(_distance_block(zs, zsq, 0, z.shape[0], xt, xsq), need)
     if ordered is None:
         return None
     idx, labels = ordered[1], num_classes is not None

@@ -124,7 +124,8 @@ def solve_quadratic(k: Tensor, a: Tensor, y: Tensor, factor: Tensor) -> Tensor:
     Forward: one forward substitution with the n x (1 + c) right-hand side [k | Y], W = L^{-1} [k | Y], and
     f = W_k^T W_Y. Backward, with eta = A^{-1} k and a = A^{-1} Y g (one backward substitution with
     [W_k | W_Y g]): dk = a, dY = eta g^T, dA = -(eta a^T + a eta^T) / 2 (A is symmetric)."""
-    if _needs_graph(a) or (_needs_graph(k, y) and torch.get_num_threads() > 1 and a.device.type == "cpu"):
+    if torch.is_grad_enabled() and (a.requires_grad or ((k.requires_grad or y.requires_grad)
+                                                         and torch.get_num_threads() > 1 and a.device.type == "cpu")):
         return apply(_SolveQuadratic, k, a, y, factor)[0]
     # No gradient to A on one thread: autograd's backward of the substitution alone (one triangular solve)
     # costs less than a Python Function's.

@@ -398,3 +398,56 @@ def test_the_one_block_path_gives_the_general_paths_numbers(monkeypatch):
         m.setattr(krr, "_one_block_krr", lambda *a: returned.append(one_block(*a)) or returned[-1])
         fast, slow = both(torch.randn(5, 3, generator=g), x3, y3, k=8, kernel="linear", ridge=0.0)
     assert returned == [None] and torch.equal(fast, slow) and torch.isfinite(fast).all()
+
+
+def test_the_one_block_path_gives_the_general_paths_graph_to_the_queries(monkeypatch):
+    """Queries that need a gradient against a fixed support (an RL head's training step) take the one-block
+    path too: the outputs, the gradients to z (``backward`` and second order through ``create_graph``) and
+    the saved tensors a hook sees are those of the same call forced through the general path; a call where
+    x, y or a hyperparameter needs a gradient does not take it."""
+    import sk.krr as krr
+
+    taken = []
+    one_block = krr._one_block_krr
+    monkeypatch.setattr(krr, "_one_block_krr", lambda *a: taken.append(1) or one_block(*a))
+
+    def run(z0, support, targets, general, **kw):
+        z = z0.clone().requires_grad_()
+        saved = []
+        with monkeypatch.context() as m:
+            if general:
+                m.setattr(krr, "_fits_one_block", lambda *a: False)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+                f = sk.sparse_krr(z, support, targets, k=6, **kw)
+        (g,) = torch.autograd.grad((f * f).sum(), z, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), z)
+        return f.detach(), g.detach(), h, sorted(saved)
+
+    gen = torch.Generator().manual_seed(5)
+    for dtype, threads in ((torch.float32, 1), (torch.float64, 2)):
+        torch.set_num_threads(threads)
+        try:
+            x = torch.randn(60, 5, generator=gen, dtype=dtype)
+            y = torch.randn(60, 3, generator=gen, dtype=dtype)
+            labels = torch.randint(0, 4, (60,), generator=gen)
+            for m in (1, 7):
+                z = torch.randn(m, 5, generator=gen, dtype=dtype)
+                for support in (x, sk.PrecomputedSupport(x)):
+                    for kw in ({}, {"kernel": "matern52", "lengthscale": "auto"}, {"kernel": "linear"}):
+                        for targets, extra in ((y, {}), (labels, {"num_classes": 4})):
+                            taken.clear()
+                            fast = run(z, support, targets, False, **kw, **extra)
+                            assert taken, (m, kw, extra)
+                            slow = run(z, support, targets, True, **kw, **extra)
+                            for a, b in zip(fast[:3], slow[:3]):
+                                assert torch.equal(a, b), (m, kw, extra)
+                            assert fast[3] == slow[3]
+        finally:
+            torch.set_num_threads(1)
+    x, y = torch.randn(60, 5, generator=gen), torch.randn(60, 3, generator=gen)
+    z = torch.randn(4, 5, generator=gen, requires_grad=True)
+    for args, kw in (((z, x.requires_grad_(), y), {}), ((z, x.detach(), y.requires_grad_()), {}),
+                     ((z, x.detach(), y.detach()), {"ridge": torch.tensor(1e-3, requires_grad=True)})):
+        taken.clear()
+        sk.sparse_krr(*args, k=6, **kw).sum().backward()
+        assert not taken, kw
