@@ -381,7 +381,7 @@ def _one_block_krr(z: Tensor, x: Tensor, support: PrecomputedSupport | None, nor
         (zsq, xsq), xt = norms, x.t()
     else:
         x, xsq = support.tensors(z.dtype)
-        zsq, xt = norms[0], support._transposed(x)
+        zsq, xt = norms[0], support.transposed(x)
     ordered = k_smallest_ordered(_distance_block(zs, zsq, 0, z.shape[0], xt, xsq), need)
     if ordered is None:
         return None

@@ -197,8 +197,9 @@ class PrecomputedSupport:
         from .knn import auto_lengthscale  # noqa: PLC0415 - sk.knn imports this module
         return self._cast(("auto", k), lambda: auto_lengthscale(self.x, k=k))
 
-    def _transposed(self, t: Tensor) -> Tensor:
-        """t.t() for the support's own tensors, made once (a view, but one tensor operation per call)."""
+    def transposed(self, t: Tensor) -> Tensor:
+        """t.t() for one of the support's own tensors (the points of ``tensors``), made once: a view, but
+        one tensor operation per call saved (what the searches multiply the queries by)."""
         key = ("t", t.data_ptr(), t.dtype)
         return self._casts[key] if key in self._casts else self._cast(key, t.t)
 
@@ -236,7 +237,7 @@ class PrecomputedSupport:
         if self.index is not None and need < self.n:   # the neighbours of the support's faiss index
             return self.index.support_search(zc, need, xc, sqn, values)
         m, n = zc.shape[0], self.n
-        xt = self._transposed(xc)
+        xt = self.transposed(xc)
         if zsq is None:
             zsq = (zc * zc).sum(1, keepdim=True)
         starts = range(0, m, rows)
