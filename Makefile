@@ -60,7 +60,7 @@ test-cuda: setup ## the CUDA tests (marked cuda, or cuda in their name); without
 	  echo "Run it on a machine with a GPU; 'make test' skips the CUDA tests, each with its reason."; \
 	fi
 
-# Wall-clock here: bench-sk 4.5 min (2-core Intel Xeon, 2026-12-08, commit 42f02c6); bench-sk-scale 6.4 min
+# Wall-clock here: bench-sk 4.3 min (2-core Intel Xeon, 2026-12-08, commit 1fe9e5f); bench-sk-scale 6.4 min
 # (2-core AMD EPYC, 2026-12-02, commit 8677cfb).
 bench-sk: setup ## SK benchmark -> results/bench_sk.md (and results/bench_sk_cuda.md where CUDA is present)
 	$(LOCK) $(PY) scripts/bench_sk.py --out results/bench_sk.md --cuda-out results/bench_sk_cuda.md
