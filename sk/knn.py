@@ -148,8 +148,6 @@ def search_norms(z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     squared norm overflows, whose scores would all be inf), and hands them to the search."""
     dtype = search_dtype(z.dtype, x.dtype)
     xd = x.detach() if x.requires_grad else x
-    if x.dtype == dtype and x.shape[0] * x.shape[1] <= 1 << 18:      # one block of _sq_norms on any device
-        return query_sq_norms(z, dtype), (xd * xd).sum(1)
     rows = min(search_rows(z.shape[0], x.shape[0], torch.finfo(dtype).bits // 8, z.device), z.shape[0])
     return query_sq_norms(z, dtype), _sq_norms(xd, dtype, _norm_block_elements(xd, rows))
 

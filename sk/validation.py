@@ -286,12 +286,6 @@ def device_checks(z: Tensor, x: Tensor, y: Tensor | None, lengthscale=None, ridg
 
 
 def _cpu_checks(z, x, y, lengthscale, ridge, labels, num_classes, indices, n) -> tuple[bool, dict]:
-    if labels is None and indices is None and not isinstance(lengthscale, Tensor) and not isinstance(ridge, Tensor):
-        # The commonest call (float targets, hyperparameters that are numbers): the same sums, fewer steps.
-        ts = [t for t in (z, x, y) if t is not None]
-        if not any(t.requires_grad or t.dtype in HALF for t in ts):
-            total = sum(torch.stack([t.sum() for t in ts]).tolist()) if len(ts) > 1 else float(ts[0].sum())
-            return math.isfinite(total), {}
     # Detached rather than under no_grad: a small call would pay more for the context than for the sums.
     parts = [_sum(t.detach() if t.requires_grad else t) for t in (z, x, y) if t is not None]
     sums = len(parts)

@@ -1,4 +1,6 @@
 """sk.sparse_krr / sk.exact_krr against exact KRR, scikit-learn and a per-query reference solve."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -245,13 +247,9 @@ def test_cuda_matches_cpu(kernel):
 
 def test_serial_lapack_restores_the_thread_count():
     z, x, y = data()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _torch_threads(2):
         f = sk.sparse_krr(z, x, y, k=7)
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
     assert torch.allclose(f, sk.sparse_krr(z, x, y, k=7), atol=1e-12)
 
 
@@ -352,6 +350,35 @@ def test_label_path_errors():
         sk.sparse_krr(z, x, torch.randn(60, 2, dtype=torch.float64), k=5, num_classes=3)
 
 
+@contextmanager
+def _torch_threads(n: int):
+    """torch's thread count set to n inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _one_block_calls(gen, dtype, n: int, d: int, sizes, kernel: str, one_d: bool):
+    """The calls of the one-block tests at one dtype: (z, support, targets, keywords) for each number of
+    queries in ``sizes`` (the first query on support point 7), a plain and a prepared support of n points in
+    d dimensions, the Gaussian, ``kernel`` with "auto" and the linear kernel, and (N, 2) targets, their first
+    column as (N,) targets when ``one_d``, and labels of 4 classes."""
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    y = torch.randn(n, 2, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    targets = [(y, {})] + ([(y[:, 0], {})] if one_d else []) + [(labels, {"num_classes": 4})]
+    for m in sizes:
+        z = torch.randn(m, d, generator=gen, dtype=dtype)
+        z[0] = x[7]
+        for support in (x, sk.PrecomputedSupport(x)):
+            for kw in ({}, {"kernel": kernel, "lengthscale": "auto"}, {"kernel": "linear"}):
+                for t, extra in targets:
+                    yield z, support, t, {**kw, **extra}
+
+
 def test_the_one_block_path_gives_the_general_paths_numbers(monkeypatch):
     """A small no-graph CPU call runs ``_one_block_krr`` (one score block, one chunk, no layers); the same
     call forced through the general path (search, chunk runner) gives the same bits, on plain tensors and
@@ -373,21 +400,10 @@ def test_the_one_block_path_gives_the_general_paths_numbers(monkeypatch):
 
     g = torch.Generator().manual_seed(3)
     for dtype, threads in ((torch.float32, 1), (torch.float64, 2)):
-        torch.set_num_threads(threads)
-        try:
-            x = torch.randn(80, 6, generator=g, dtype=dtype)
-            y = torch.randn(80, 2, generator=g, dtype=dtype)
-            labels = torch.randint(0, 4, (80,), generator=g)
-            for m in (1, 2, 3, 40):
-                z = torch.randn(m, 6, generator=g, dtype=dtype)
-                z[0] = x[7]
-                for support in (x, sk.PrecomputedSupport(x)):
-                    for kw in ({}, {"kernel": "laplacian", "lengthscale": "auto"}, {"kernel": "linear"}):
-                        for targets, extra in ((y, {}), (y[:, 0], {}), (labels, {"num_classes": 4})):
-                            fast, slow = both(z, support, targets, k=6, **kw, **extra)
-                            assert torch.equal(fast, slow) and fast.dtype == dtype, (m, kw, extra)
-        finally:
-            torch.set_num_threads(1)
+        with _torch_threads(threads):
+            for z, support, targets, kw in _one_block_calls(g, dtype, 80, 6, (1, 2, 3, 40), "laplacian", True):
+                fast, slow = both(z, support, targets, k=6, **kw)
+                assert torch.equal(fast, slow) and fast.dtype == dtype, (z.shape, kw)
     assert taken                                                   # the path ran
     # A linear kernel on 3 features with 8 neighbours and no ridge: every local system is singular, the
     # one-block path hands the call back, and the general path's jitter solves it.
@@ -425,25 +441,15 @@ def test_the_one_block_path_gives_the_general_paths_graph_to_the_queries(monkeyp
 
     gen = torch.Generator().manual_seed(5)
     for dtype, threads in ((torch.float32, 1), (torch.float64, 2)):
-        torch.set_num_threads(threads)
-        try:
-            x = torch.randn(60, 5, generator=gen, dtype=dtype)
-            y = torch.randn(60, 3, generator=gen, dtype=dtype)
-            labels = torch.randint(0, 4, (60,), generator=gen)
-            for m in (1, 7):
-                z = torch.randn(m, 5, generator=gen, dtype=dtype)
-                for support in (x, sk.PrecomputedSupport(x)):
-                    for kw in ({}, {"kernel": "matern52", "lengthscale": "auto"}, {"kernel": "linear"}):
-                        for targets, extra in ((y, {}), (labels, {"num_classes": 4})):
-                            taken.clear()
-                            fast = run(z, support, targets, False, **kw, **extra)
-                            assert taken, (m, kw, extra)
-                            slow = run(z, support, targets, True, **kw, **extra)
-                            for a, b in zip(fast[:3], slow[:3]):
-                                assert torch.equal(a, b), (m, kw, extra)
-                            assert fast[3] == slow[3]
-        finally:
-            torch.set_num_threads(1)
+        with _torch_threads(threads):
+            for z, support, targets, kw in _one_block_calls(gen, dtype, 60, 5, (1, 7), "matern52", False):
+                taken.clear()
+                fast = run(z, support, targets, False, **kw)
+                assert taken, (z.shape, kw)
+                slow = run(z, support, targets, True, **kw)
+                for a, b in zip(fast[:3], slow[:3]):
+                    assert torch.equal(a, b), (z.shape, kw)
+                assert fast[3] == slow[3]
     x, y = torch.randn(60, 5, generator=gen), torch.randn(60, 3, generator=gen)
     z = torch.randn(4, 5, generator=gen, requires_grad=True)
     for args, kw in (((z, x.requires_grad_(), y), {}), ((z, x.detach(), y.requires_grad_()), {}),
